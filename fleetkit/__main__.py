@@ -1,0 +1,3 @@
+from fleetkit.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""The ``fleetkit`` command line: the daemon, config checks, unit verbs and listings.
+
+Exit codes: 0 success, 1 failure, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from fleetkit import __version__
+from fleetkit.cli import commands
+from fleetkit.cli.client import DEFAULT_ENDPOINT, ControlClient
+from fleetkit.cli.output import UsageError
+from fleetkit.core.errors import ApiError, ConfigError, FleetkitError, UnitError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _add_blocking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-block", action="store_true", help="return at once instead of waiting for the state")
+    parser.add_argument(
+        "--block-timeout", type=float, default=120.0, metavar="SECONDS",
+        help="seconds to wait for every unit to reach the state; 0 waits without limit (default: 120)",
+    )
+
+
+def _add_listing(parser: argparse.ArgumentParser, fields: tuple[str, ...], default: tuple[str, ...]) -> None:
+    parser.add_argument(
+        "--fields", metavar="LIST",
+        help=f"comma-separated columns to print; valid: {','.join(fields)} (default: {','.join(default)})",
+    )
+    parser.add_argument("--no-legend", action="store_true", help="do not print the header line")
+    parser.add_argument("-l", "--full", action="store_true", help="print whole machine ids and hashes")
+
+
+class _SubParsers:
+    """Adds the shared `common` options to every subcommand parser."""
+
+    def __init__(self, action, common: argparse.ArgumentParser):
+        self._action = action
+        self._common = common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._action.add_parser(name, parents=[self._common], **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetkit", description="Schedule systemd units across a cluster.")
+    parser.add_argument("--version", action="version", version=f"fleetkit {__version__}")
+    parser.add_argument(
+        "--endpoint", default=os.environ.get("FLEETKIT_ENDPOINT", DEFAULT_ENDPOINT),
+        help="control API of a daemon: unix:///path/fleetkit.sock or host:port "
+        f"(default: $FLEETKIT_ENDPOINT or {DEFAULT_ENDPOINT})",
+    )
+    parser.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="listing format (default: table)",
+    )
+    # The global options are accepted after the command too, as in fleetctl.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = _SubParsers(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
+
+    daemon = sub.add_parser("daemon", help="run the fleetkit daemon on this machine")
+    daemon.add_argument("--config", help="path to cluster.toml (default: built-in defaults)")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    check = config_sub.add_parser("check", help="validate a config file without starting anything")
+    check.add_argument("--config", required=True, help="path to cluster.toml")
+
+    for verb, text in (("submit", "store units without scheduling them"),
+                       ("load", "store units and load them on their machines"),
+                       ("start", "store units, load them and start them")):
+        command = sub.add_parser(verb, help=text)
+        command.add_argument("units", nargs="+", metavar="UNIT", help="unit file path or unit name")
+        command.add_argument("--replace", action="store_true", help="replace stored units whose file changed")
+        if verb != "submit":
+            _add_blocking(command)
+
+    for verb, text in (("stop", "stop units, keeping them loaded"), ("unload", "stop units and unload them")):
+        command = sub.add_parser(verb, help=text)
+        command.add_argument("units", nargs="+", metavar="UNIT")
+        _add_blocking(command)
+
+    destroy = sub.add_parser("destroy", help="stop, unload and remove units from the cluster")
+    destroy.add_argument("units", nargs="+", metavar="UNIT")
+
+    cat = sub.add_parser("cat", help="print a stored unit file")
+    cat.add_argument("unit", metavar="UNIT")
+
+    status = sub.add_parser("status", help="show where units run and their states")
+    status.add_argument("units", nargs="+", metavar="UNIT")
+
+    _add_listing(sub.add_parser("list-units", help="list unit states per machine"),
+                 commands.UNIT_FIELDS, commands.UNIT_DEFAULT)
+    _add_listing(sub.add_parser("list-unit-files", help="list stored units"),
+                 commands.UNIT_FILE_FIELDS, commands.UNIT_FILE_DEFAULT)
+    _add_listing(sub.add_parser("list-machines", help="list machines"),
+                 commands.MACHINE_FIELDS, commands.MACHINE_DEFAULT)
+
+    from fleetkit.cli import devcluster
+
+    devcluster.add_parser(sub)
+    return parser
+
+
+async def _run_client_command(args) -> int:
+    async with ControlClient(args.endpoint) as client:
+        if args.command in commands.CREATING_VERBS:
+            return await commands.create(client, args.command, args)
+        if args.command in ("stop", "unload"):
+            return await commands.set_state(client, args.command, args)
+        handler = {
+            "destroy": commands.destroy,
+            "cat": commands.cat,
+            "status": commands.status,
+            "list-units": commands.list_units,
+            "list-unit-files": commands.list_unit_files,
+            "list-machines": commands.list_machines,
+        }[args.command]
+        return await handler(client, args)
+
+
+def _run_daemon(args) -> int:
+    from fleetkit.core import logs
+    from fleetkit.core.config import load_config
+    from fleetkit.core.daemon import Daemon, run_until_signalled
+
+    config = load_config(args.config)
+    logs.configure(config.log.level, config.log.format)
+    daemon = Daemon(config)
+    asyncio.run(run_until_signalled(daemon))
+    return EXIT_OK
+
+
+def _run_config_check(args) -> int:
+    from fleetkit.core.config import check_config
+
+    config, warnings = check_config(args.config)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{args.config}: configuration is valid")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "daemon":
+            return _run_daemon(args)
+        if args.command == "config":
+            if args.config_command != "check":
+                parser.parse_args(["config", "--help"])
+            return _run_config_check(args)
+        if args.command == "dev-cluster":
+            from fleetkit.cli import devcluster
+
+            return devcluster.run(args)
+        return asyncio.run(_run_client_command(args))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except UnitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE if error.code == "INVALID_ARGUMENT" else EXIT_FAILURE
+    except FleetkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

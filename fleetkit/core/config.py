@@ -1,0 +1,875 @@
+"""The daemon configuration: cluster.toml, environment overrides and validation.
+
+`load_config` reads a TOML file, applies ``FLEETKIT_<SECTION>_<KEY>``
+environment variables on top and validates the result as a whole: it raises a
+single `ConfigError` that lists every problem, so an operator fixes them all in
+one pass. `SCHEMA` describes every key by kind, check, default and doc.
+Validation, environment overrides and `Config.redacted` read that table, so a
+new section is a table entry plus a dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import json
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from fleetkit.core.durations import DurationError, format_duration, parse_duration
+from fleetkit.core.errors import ConfigError
+
+__all__ = [
+    "KNOWN_RUNTIME_BACKENDS", "KNOWN_STORAGE_BACKENDS", "KNOWN_TRANSPORT_MODES", "SCHEMA",
+    "AgentConfig", "ApiConfig", "Config", "EngineConfig", "KeySpec", "LogConfig", "NodeConfig",
+    "RuntimeConfig", "SectionSpec", "StorageConfig", "TransportConfig", "check_config",
+    "default_node_name", "endpoint_address", "load_config", "parse_config",
+]
+
+# Backend names accepted by validation. Modules that register more backends add
+# their names to these sets, and parse_config also takes an explicit set per key.
+KNOWN_STORAGE_BACKENDS: set[str] = {"etcd3"}
+KNOWN_TRANSPORT_MODES: set[str] = {"grpc"}
+KNOWN_RUNTIME_BACKENDS: set[str] = {"systemd"}
+
+MACHINE_ID_PATH = "/etc/machine-id"
+ENV_PREFIX = "FLEETKIT_"
+# FLEETKIT_* variables that belong to the command-line client, not to the daemon config.
+ENV_IGNORED = frozenset({"FLEETKIT_ENDPOINT"})
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+_SYSTEM_BUS_SOCKETS = ("/run/dbus/system_bus_socket", "/var/run/dbus/system_bus_socket")
+
+
+def default_node_name(machine_id_path: str | None = None) -> str:
+    """Return the machine id (from MACHINE_ID_PATH by default), or the host name if it is unreadable or empty."""
+    try:
+        with open(machine_id_path or MACHINE_ID_PATH, encoding="ascii") as handle:
+            machine_id = handle.read().strip()
+    except (OSError, UnicodeDecodeError):
+        machine_id = ""
+    return machine_id or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Identity of this machine in the cluster."""
+
+    name: str = field(default_factory=default_node_name)
+    metadata: dict[str, str] = field(default_factory=dict)
+    public_ip: str = ""
+    state_dir: str = "/var/lib/fleetkit"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Shared store that contains the cluster state. Durations are in seconds."""
+
+    backend: str = "etcd3"
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = "/fleetkit/"
+    dial_timeout: float = 5.0
+    request_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Engine–agent transport."""
+
+    mode: str = "grpc"
+    listen: str = "127.0.0.1:7070"
+    advertise: str = ""
+
+    def advertise_address(self, public_ip: str, bound_port: int | None = None) -> str:
+        """Return the host:port that other machines use to reach this transport.
+
+        `advertise` wins when set. Otherwise the listen address is used, with its
+        host replaced by `public_ip` when it is 0.0.0.0 or ::, and its port by
+        `bound_port` (the port the server actually bound) when given.
+        Raises ConfigError when no reachable address can be derived.
+        """
+        if self.advertise:
+            return self.advertise
+        host, port = _split_host_port(self.listen)
+        if bound_port is not None:
+            port = bound_port
+        if port == 0:
+            raise ConfigError([f'transport.listen = "{self.listen}": port 0 cannot be advertised; '
+                               "pass the bound port or set transport.advertise"])
+        if _is_unspecified(host):
+            try:
+                host = str(ipaddress.ip_address(public_ip))
+            except ValueError:
+                problem = (f'transport.listen = "{self.listen}" listens on all addresses and the public IP '
+                           f"{public_ip!r} is not an IP address; set node.public_ip or transport.advertise")
+                raise ConfigError([problem]) from None
+        return _join_host_port(host, port)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine leader election and scheduling passes. Durations are in seconds."""
+
+    enabled: bool = True
+    lease_ttl: float = 10.0
+    reconcile_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Per-machine agent. `ttl` is in seconds."""
+
+    ttl: float = 30.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Local service manager connection."""
+
+    backend: str = "systemd"
+    bus: str = "system"
+    unit_directory: str = ""
+
+    def resolved_unit_directory(self, env: Mapping[str, str] | None = None) -> str:
+        """Return the directory where the agent writes unit files.
+
+        An explicit `unit_directory` wins. Otherwise it follows the bus: the
+        system bus gives /run/systemd/system, the user bus
+        $XDG_RUNTIME_DIR/systemd/user, and a D-Bus address unix:path=DIR/bus
+        gives DIR/systemd/user. Raises ConfigError when it cannot be derived.
+        """
+        if self.unit_directory:
+            return self.unit_directory
+        environ = os.environ if env is None else env
+        directory, problem = _derive_unit_directory(self.bus, environ)
+        if problem:
+            raise ConfigError([problem])
+        return directory
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """Control API served to the command-line client."""
+
+    listen: str = "unix:///run/fleetkit/fleetkit.sock"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Daemon logging."""
+
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Whole validated daemon configuration. `source` is the file path or "<defaults>"."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"
+
+    def redacted(self) -> dict[str, Any]:
+        """Return the configuration as plain data for display.
+
+        Durations are written as strings ("10s"), passwords in URLs are
+        replaced by "***", and keys marked secret in SCHEMA are masked whole.
+        """
+        result: dict[str, Any] = {}
+        for section in SCHEMA.values():
+            values = getattr(self, section.name, None)
+            if values is None:
+                continue
+            result[section.name] = {spec.name: _display(spec, getattr(values, spec.name)) for spec in section.keys}
+        result["source"] = self.source
+        return result
+
+
+# ---------------------------------------------------------------- schema
+
+KINDS = ("string", "boolean", "duration", "list", "table")
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One configuration key.
+
+    `kind` (one of KINDS) decides how a TOML value and an environment string
+    are read; `check` then validates and normalizes the value, raising
+    `_Invalid`. `choices` restricts a string to a set of names. `default` and
+    `default_factory` are copied from the section's dataclass field.
+    """
+
+    name: str
+    kind: str
+    doc: str
+    check: Callable[[Any], Any] | None = None
+    choices: Collection[str] | None = None
+    secret: bool = False
+    default: Any = None
+    default_factory: Callable[[], Any] | None = None
+
+    def default_value(self) -> Any:
+        """Return the default, calling `default_factory` if there is one."""
+        return self.default_factory() if self.default_factory is not None else self.default
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """One configuration section: its TOML table name, dataclass and keys."""
+
+    name: str
+    factory: type
+    keys: tuple[KeySpec, ...]
+
+    def key(self, name: str) -> KeySpec | None:
+        """Return the spec of key `name`, or None if the section has no such key."""
+        return next((spec for spec in self.keys if spec.name == name), None)
+
+
+class _Invalid(Exception):
+    """A value failed a check. `findings` are (subscript, value, message) triples.
+
+    The subscript ("[1]" or ".region") points inside a list or table; the
+    value is the offending element, or _WHOLE for the value as a whole.
+    `partial` is the value without its bad entries, if it can still be checked.
+    """
+
+    def __init__(self, message: str = "", *, findings: list[tuple[str, Any, str]] | None = None,
+                 partial: Any = None):
+        super().__init__(message)
+        self.findings = findings if findings is not None else [("", _WHOLE, message)]
+        self.partial = partial
+
+
+_WHOLE = object()
+
+
+def _section(name: str, factory: type, *keys: KeySpec) -> SectionSpec:
+    fields = {item.name: item for item in dataclasses.fields(factory)}
+    filled = []
+    for spec in keys:
+        if spec.kind not in KINDS:
+            raise ValueError(f"key {name}.{spec.name} has unknown kind {spec.kind!r}; use one of {KINDS}")
+        source = fields[spec.name]
+        factory_fn = None if source.default_factory is dataclasses.MISSING else source.default_factory
+        filled.append(dataclasses.replace(spec, default=source.default, default_factory=factory_fn))
+    return SectionSpec(name, factory, tuple(filled))
+
+
+def _fail(message: str) -> None:
+    raise _Invalid(message)
+
+
+def _choose(value: str, choices: Collection[str], label: str) -> str:
+    if value in choices:
+        return value
+    known = ", ".join(sorted(choices))
+    close = difflib.get_close_matches(value, sorted(choices), n=1)
+    hint = f'; did you mean "{close[0]}"?' if close else ""
+    raise _Invalid(f"unknown {label}; choose one of: {known}{hint}")
+
+
+def _at_least(minimum: float) -> Callable[[float], float]:
+    def check(seconds: float) -> float:
+        if minimum and seconds < minimum:
+            _fail(f'must be at least {format_duration(minimum)}, for example "{format_duration(minimum * 5)}"')
+        if seconds <= 0:
+            _fail('must be greater than zero, for example "5s"')
+        return seconds
+
+    return check
+
+
+def _check_node_name(value: str) -> str:
+    if not _NODE_NAME.fullmatch(value):
+        _fail("invalid node name; use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def _check_metadata(table: dict[str, str]) -> dict[str, str]:
+    findings = [(f".{_toml_key(key)}", key, "invalid metadata key; use letters, digits, '_', '.' or '-'")
+                for key in table if not _METADATA_KEY.fullmatch(key)]
+    if findings:
+        raise _Invalid(findings=findings)
+    return dict(table)
+
+
+def _check_public_ip(value: str) -> str:
+    if not value:
+        return value
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise _Invalid('not an IP address; write for example "192.0.2.10", or "" to detect it') from None
+    if address.is_unspecified:
+        _fail('an unspecified address cannot be reached; write this machine\'s address, or "" to detect it')
+    return str(address)
+
+
+def _check_absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        _fail(f'must be an absolute path, for example "/{value.lstrip("./") or "var/lib/fleetkit"}"')
+    return value
+
+
+def _check_optional_path(value: str) -> str:
+    return value and _check_absolute_path(value)
+
+
+def _check_endpoints(endpoints: list[str]) -> tuple[str, ...]:
+    if not endpoints:
+        _fail('needs at least one endpoint, for example ["http://127.0.0.1:2379"]')
+    findings = []
+    for index, url in enumerate(endpoints):
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port is None
+                or parts.path not in ("", "/") or parts.query or parts.fragment):
+            findings.append((f"[{index}]", url, "expected an http:// or https:// URL with host and port, "
+                                                'for example "http://127.0.0.1:2379"'))
+    if findings:
+        raise _Invalid(findings=findings)
+    return tuple(endpoints)
+
+
+def _check_prefix(value: str) -> str:
+    if not (value.startswith("/") and value.endswith("/")):
+        _fail(f'must start and end with "/", for example "/{value.strip("/") or "fleetkit"}/"')
+    return value
+
+
+def _check_listen(value: str) -> str:
+    _split_host_port(value)
+    return value
+
+
+def _check_advertise(value: str) -> str:
+    if not value:
+        return value
+    host, port = _split_host_port(value)
+    if _is_unspecified(host) or port == 0:
+        _fail('other machines cannot connect to this address; write a reachable host and port, '
+              'for example "192.0.2.10:7070"')
+    return value
+
+
+def _check_bus(value: str) -> str:
+    if value in ("system", "user"):
+        return value
+    for address in filter(None, value.split(";")):
+        transport, colon, rest = address.partition(":")
+        pairs = [item.partition("=") for item in rest.split(",")] if rest else []
+        keys = {key for key, equals, text in pairs if key and equals}
+        if transport not in ("unix", "tcp") or not colon or len(keys) != len(pairs):
+            _fail('expected "system", "user" or a D-Bus address such as "unix:path=/run/user/1000/bus"')
+        needed = {"unix": {"path", "abstract"}, "tcp": {"host"}}[transport]
+        if not keys & needed:
+            _fail(f'a {transport}: D-Bus address needs one of {", ".join(sorted(needed))}=..., '
+                  'for example "unix:path=/run/user/1000/bus"')
+    return value
+
+
+def _check_api_listen(value: str) -> str:
+    _parse_api_address(value)
+    return value
+
+
+def _node_section() -> SectionSpec:
+    return _section(
+        "node", NodeConfig,
+        KeySpec("name", "string", "Unique name of this machine in the cluster.", _check_node_name),
+        KeySpec("metadata", "table", "Labels that units can require, as string keys and values.", _check_metadata),
+        KeySpec("public_ip", "string", 'Address other machines use to reach this one; "" detects it.',
+                _check_public_ip),
+        KeySpec("state_dir", "string", "Directory for local daemon state.", _check_absolute_path),
+    )
+
+
+SCHEMA: dict[str, SectionSpec] = {section.name: section for section in (
+    _node_section(),
+    _section(
+        "storage", StorageConfig,
+        KeySpec("backend", "string", "Storage backend name.", choices=KNOWN_STORAGE_BACKENDS),
+        KeySpec("endpoints", "list", "Store URLs, http:// or https:// with host and port.", _check_endpoints),
+        KeySpec("prefix", "string", "Key prefix for all fleetkit keys; starts and ends with /.", _check_prefix),
+        KeySpec("dial_timeout", "duration", "Time allowed to connect to the store.", _at_least(0)),
+        KeySpec("request_timeout", "duration", "Time allowed for one store request.", _at_least(0)),
+    ),
+    _section(
+        "transport", TransportConfig,
+        KeySpec("mode", "string", "Engine-agent transport name.", choices=KNOWN_TRANSPORT_MODES),
+        KeySpec("listen", "string", "host:port the transport server binds; port 0 picks a free port.",
+                _check_listen),
+        KeySpec("advertise", "string", 'host:port other machines dial; "" derives it from listen.',
+                _check_advertise),
+    ),
+    _section(
+        "engine", EngineConfig,
+        KeySpec("enabled", "boolean", "Whether this daemon runs for engine leadership."),
+        KeySpec("lease_ttl", "duration", "Lifetime of the engine leadership lease.", _at_least(2.0)),
+        KeySpec("reconcile_interval", "duration", "Time between two scheduling passes.", _at_least(0)),
+    ),
+    _section(
+        "agent", AgentConfig,
+        KeySpec("ttl", "duration", "Lifetime of this machine's registration in the store.", _at_least(2.0)),
+    ),
+    _section(
+        "runtime", RuntimeConfig,
+        KeySpec("backend", "string", "Local service manager backend.", choices=KNOWN_RUNTIME_BACKENDS),
+        KeySpec("bus", "string", '"system", "user" or a D-Bus address.', _check_bus),
+        KeySpec("unit_directory", "string", 'Where unit files are written; "" derives it from bus.',
+                _check_optional_path),
+    ),
+    _section(
+        "api", ApiConfig,
+        KeySpec("listen", "string", "Control API address: unix:///absolute/path or host:port.", _check_api_listen),
+    ),
+    _section(
+        "log", LogConfig,
+        KeySpec("level", "string", "Lowest level logged.", choices=("debug", "info", "warning", "error")),
+        KeySpec("format", "string", "Log line format.", choices=("text", "json")),
+    ),
+)}
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None,
+                choices: Mapping[str, Collection[str]] | None = None) -> Config:
+    """Read, override and validate a config file. `path=None` uses the defaults.
+
+    `env` defaults to os.environ. `choices` replaces the allowed names of a
+    key, by dotted key ("storage.backend"). Raises ConfigError listing every
+    problem, including a missing file and TOML syntax errors with their line.
+    """
+    if path is None:
+        return parse_config({}, env=env, source="<defaults>", choices=choices)
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"config file {source} not found; create it (examples/cluster.toml is a "
+                           "commented example) or pass the path of an existing file"]) from None
+    except OSError as error:
+        raise ConfigError([f"cannot read config file {source}: {error.strerror or error}"]) from error
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{source}: invalid TOML: the file is not UTF-8 text ({error.reason} at byte "
+                           f"{error.start}); save it as UTF-8"]) from error
+    except tomllib.TOMLDecodeError as error:
+        message = str(error)
+        found = re.search(r"\(at line (\d+), column (\d+)\)$", message)
+        if found:
+            message = message[:found.start()].rstrip()
+            where = f"{source}, line {found.group(1)}, column {found.group(2)}"
+        else:
+            where = source
+        raise ConfigError([f"{where}: invalid TOML: {message}"]) from error
+    return parse_config(data, env=env, source=source, choices=choices)
+
+
+def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, source: str = "<defaults>",
+                 choices: Mapping[str, Collection[str]] | None = None) -> Config:
+    """Validate parsed TOML `data` with environment overrides and build a Config.
+
+    Every key is read from its environment variable if set, else from `data`,
+    else from its default, and then checked. Raises ConfigError listing every
+    problem found; nothing is built until all of them pass.
+    """
+    environ = os.environ if env is None else env
+    choices = choices or {}
+    problems: list[str] = []
+    file_values = _read_file_values(data, problems)
+    env_values = _read_env_values(environ, problems)
+
+    built: dict[str, Any] = {}
+    for section in SCHEMA.values():
+        values: dict[str, Any] = {}
+        for spec in section.keys:
+            dotted = f"{section.name}.{spec.name}"
+            variable = env_values.get(dotted)
+            if variable is not None:
+                prefix, raw, read = f"{variable}: ", environ[variable], _from_env
+            elif dotted in file_values:
+                prefix, raw, read = "", file_values[dotted], _from_toml
+            else:
+                prefix, raw, read = "", spec.default_value(), _as_default
+                dotted = f"{dotted} (default)"
+            try:
+                allowed = choices.get(f"{section.name}.{spec.name}", spec.choices)
+                values[spec.name] = _validate_key(spec, raw, read, allowed)
+            except DurationError as error:
+                problems.append(f"{prefix}{dotted} = {_show(raw)}: {error}")
+            except _Invalid as error:
+                advice = f"; set {section.name}.{spec.name} explicitly" if read is _as_default else ""
+                for subscript, item, message in error.findings:
+                    value_text = _show(raw if item is _WHOLE else item)
+                    problems.append(f"{prefix}{dotted}{subscript} = {value_text}: {message}{advice}")
+        built[section.name] = values
+
+    _check_across_sections(built, problems)
+    if problems:
+        raise ConfigError(problems)
+    # NOTE: Config has one field per built-in section; a section added to
+    # SCHEMA without a matching Config field is validated but not kept.
+    known = {item.name for item in dataclasses.fields(Config)}
+    sections = {name: SCHEMA[name].factory(**values) for name, values in built.items() if name in known}
+    return Config(**sections, source=source)
+
+
+def check_config(path: str | os.PathLike[str] | None, *,
+                 env: Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
+    """Load a config and return it with warnings about settings that are valid but risky.
+
+    Only reads the file and `env`, so it binds no port and contacts no server.
+    Raises ConfigError like load_config.
+    """
+    environ = os.environ if env is None else env
+    config = load_config(path, env=environ)
+    warnings = []
+    engine = config.engine
+    if engine.lease_ttl < 2 * engine.reconcile_interval:
+        warnings.append(f"engine.lease_ttl ({format_duration(engine.lease_ttl)}) is less than twice "
+                        f"engine.reconcile_interval ({format_duration(engine.reconcile_interval)}); leadership can "
+                        "change within fewer than two scheduling passes, so raise lease_ttl or lower "
+                        "reconcile_interval")
+    if config.storage.request_timeout >= engine.lease_ttl:
+        warnings.append(f"storage.request_timeout ({format_duration(config.storage.request_timeout)}) is not "
+                        f"less than engine.lease_ttl ({format_duration(engine.lease_ttl)}); one slow store request "
+                        "can last longer than the leader lease, so lower request_timeout")
+    listen_host, _ = _split_host_port(config.transport.listen)
+    remote_store = any(not _is_loopback(urlsplit(url).hostname or "") for url in config.storage.endpoints)
+    if remote_store and _is_loopback(listen_host) and not config.transport.advertise:
+        warnings.append(f'transport.listen = "{config.transport.listen}" accepts only local connections but the '
+                        "store is on another machine; an engine elsewhere cannot reach this agent, so listen on "
+                        "a reachable address or 0.0.0.0")
+    try:
+        config.runtime.resolved_unit_directory(environ)
+    except ConfigError as error:
+        warnings.extend(f"{problem} (the daemon will fail to start with this environment)"
+                        for problem in error.problems)
+    return config, warnings
+
+
+def endpoint_address(value: str) -> str:
+    """Convert an API address (unix:///path, /path or host:port) into a gRPC target.
+
+    A host of 0.0.0.0 or :: becomes the loopback address, since a client
+    cannot dial "all addresses". Raises ConfigError naming the value.
+    """
+    try:
+        parsed = _parse_api_address(value if not value.startswith("/") else f"unix://{value}")
+    except _Invalid as error:
+        raise ConfigError([f"endpoint {_show(value)}: {error}"]) from None
+    if parsed[0] == "unix":
+        return f"unix://{parsed[1]}"
+    host, port = parsed[1], parsed[2]
+    if _is_unspecified(host):
+        host = "::1" if ":" in host else "127.0.0.1"
+    return _join_host_port(host, port)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _read_file_values(data: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    values = {}
+    all_keys = [f"{section.name}.{spec.name}" for section in SCHEMA.values() for spec in section.keys]
+    for name, table in data.items():
+        section = SCHEMA.get(name)
+        if section is None:
+            close = difflib.get_close_matches(name, [*SCHEMA, *all_keys], n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else f"; known sections: {', '.join(SCHEMA)}"
+            problems.append(f"{_toml_key(name)}: unknown section{hint}")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{name} = {_show(table)}: expected a table; write [{name}] as a section header")
+            continue
+        for key, value in table.items():
+            if section.key(key) is not None:
+                values[f"{name}.{key}"] = value
+                continue
+            dotted = f"{name}.{_toml_key(key)}"
+            close = (difflib.get_close_matches(key, [spec.name for spec in section.keys], n=1)
+                     or difflib.get_close_matches(dotted, all_keys, n=1))
+            if close and "." not in close[0]:
+                close[0] = f"{name}.{close[0]}"
+            hint = (f'; did you mean "{close[0]}"?' if close
+                    else f"; known keys in [{name}]: {', '.join(spec.name for spec in section.keys)}")
+            problems.append(f"{dotted}: unknown key{hint}")
+    return values
+
+
+def _read_env_values(env: Mapping[str, str], problems: list[str]) -> dict[str, str]:
+    """Map each dotted key to the environment variable that overrides it."""
+    variables = {}
+    by_length = sorted(SCHEMA.values(), key=lambda section: -len(section.name))
+    for variable in sorted(env):
+        if not variable.startswith(ENV_PREFIX) or variable in ENV_IGNORED:
+            continue
+        rest = variable[len(ENV_PREFIX):]
+        section = next((item for item in by_length if rest.startswith(f"{item.name.upper()}_")), None)
+        if section is None:
+            continue
+        key = rest[len(section.name) + 1:].lower()
+        if section.key(key) is not None:
+            variables[f"{section.name}.{key}"] = variable
+            continue
+        names = [_env_name(section.name, spec.name) for spec in section.keys]
+        close = difflib.get_close_matches(variable, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; known variables: {', '.join(names)}"
+        problems.append(f"{variable}: unknown setting, [{section.name}] has no key {key!r}{hint}")
+    return variables
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
+
+
+_TYPE_NAMES = {bool: "a boolean", str: "a string", int: "an integer", float: "a float", list: "an array",
+               dict: "a table"}
+
+
+def _type_name(value: Any) -> str:
+    return _TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
+
+
+def _from_toml(spec: KeySpec, value: Any) -> Any:
+    if spec.kind == "duration":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise _Invalid(f'a duration needs a unit, for example "{value}s"')
+    expected = {"string": str, "duration": str, "boolean": bool, "list": list, "table": dict}[spec.kind]
+    if not isinstance(value, expected):
+        raise _Invalid(f"expected {_TYPE_NAMES[expected]}, got {_type_name(value)}")
+    if spec.kind == "duration":
+        return parse_duration(value)
+    if spec.kind in ("list", "table"):
+        findings = []
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if not isinstance(item, str):
+                subscript = f"[{key}]" if isinstance(key, int) else f".{_toml_key(key)}"
+                findings.append((subscript, item, f"expected a string, got {_type_name(item)}"))
+        if findings and isinstance(value, dict):
+            # Checking the string entries too lets one pass report every bad entry.
+            partial = {key: item for key, item in value.items() if isinstance(item, str)}
+            raise _Invalid(findings=findings, partial=partial)
+        if findings:
+            raise _Invalid(findings=findings)
+    return value
+
+
+def _validate_key(spec: KeySpec, raw: Any, read: Callable[[KeySpec, Any], Any],
+                  allowed: Collection[str] | None) -> Any:
+    """Read `raw` with `read`, then apply `allowed` and `spec.check`, raising _Invalid with all findings."""
+    findings = []
+    try:
+        value = read(spec, raw)
+    except _Invalid as error:
+        if error.partial is None:
+            raise
+        findings, value = error.findings, error.partial
+    if allowed is not None:
+        value = _choose(value, allowed, spec.name.replace("_", " "))
+    if spec.check is not None:
+        try:
+            value = spec.check(value)
+        except _Invalid as error:
+            findings += error.findings
+    if findings:
+        raise _Invalid(findings=findings)
+    return value
+
+
+def _as_default(spec: KeySpec, value: Any) -> Any:
+    return value
+
+
+def _from_env(spec: KeySpec, text: str) -> Any:
+    if spec.kind == "boolean":
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise _Invalid('expected true or false, for example "false"')
+        return lowered in ("true", "1")
+    if spec.kind == "duration":
+        return parse_duration(text)
+    if spec.kind == "list":
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if spec.kind == "table":
+        table = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, equals, value = item.partition("=")
+            if not equals or not key.strip():
+                raise _Invalid('expected KEY=VALUE items separated by commas, for example "region=eu,disk=ssd"')
+            table[key.strip()] = value.strip()
+        return table
+    return text
+
+
+def _check_across_sections(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    """Append problems that involve several keys, skipping keys that failed their own check."""
+    runtime = sections["runtime"]
+    if "bus" not in runtime or "unit_directory" not in runtime:
+        return
+    if not runtime["unit_directory"] and runtime["bus"] not in ("system", "user"):
+        _, problem = _derive_unit_directory(runtime["bus"], {})
+        if problem:
+            problems.append(problem)
+
+
+def _derive_unit_directory(bus: str, env: Mapping[str, str]) -> tuple[str, str]:
+    """Return (directory, "") or ("", problem) for the unit directory that follows from `bus`."""
+    if bus == "system":
+        return "/run/systemd/system", ""
+    if bus == "user":
+        runtime_dir = env.get("XDG_RUNTIME_DIR", "")
+        if not runtime_dir.startswith("/"):
+            return "", ('runtime.bus = "user" needs XDG_RUNTIME_DIR set to an absolute path to find the unit '
+                        "directory; set XDG_RUNTIME_DIR or runtime.unit_directory")
+        return f"{runtime_dir.rstrip('/')}/systemd/user", ""
+    for address in bus.split(";"):
+        transport, _, rest = address.partition(":")
+        parts = dict(item.partition("=")[::2] for item in rest.split(","))
+        path = unquote(parts.get("path", ""))
+        if transport != "unix" or not path.startswith("/"):
+            continue
+        if path in _SYSTEM_BUS_SOCKETS:
+            return "/run/systemd/system", ""
+        if os.path.basename(path) == "bus":
+            return f"{os.path.dirname(path)}/systemd/user", ""
+    return "", (f"runtime.bus = {_show(bus)}: cannot derive the unit directory from this address (only "
+                "unix:path=DIR/bus and the system bus socket are known); set runtime.unit_directory")
+
+
+def _split_host_port(value: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port", raising _Invalid with an example for other forms."""
+    example = 'expected host:port, for example "127.0.0.1:7070" or "[::1]:7070"'
+    if "://" in value:
+        _fail(f"a URL is not accepted here; {example}")
+    host, colon, port_text = value.rpartition(":")
+    if not colon or not port_text.isdigit() or not host:
+        _fail(example)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            _fail(f"invalid IPv6 address {host!r}; {example}")
+    elif ":" in host and _is_ipv6(host):
+        _fail(f'an IPv6 address needs brackets, for example "[{host}]:{port_text}"')
+    elif not _is_host_name(host):
+        _fail(f"invalid host {host!r}; {example}")
+    port = int(port_text)
+    if port > 65535:
+        _fail(f"port {port} is out of range; use 0 to 65535")
+    return host, port
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_api_address(value: str) -> tuple[str, str, int]:
+    """Return ("unix", path, 0) or ("tcp", host, port), raising _Invalid with the corrected form."""
+    if value.startswith("unix:"):
+        rest = value[len("unix:"):]
+        path = rest[2:] if rest.startswith("//") else rest
+        if not path.startswith("/") or rest.startswith("/") and not rest.startswith("//"):
+            suggestion = "/" + path.lstrip("/")
+            _fail(f'a unix socket needs an absolute path after "unix://", for example "unix://{suggestion}"')
+        if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+            _fail(f"the socket path is longer than {_MAX_SOCKET_PATH} bytes, the limit of unix socket "
+                  "addresses on Linux; choose a shorter path")
+        return "unix", path, 0
+    host, port = _split_host_port(value)
+    if port == 0:
+        _fail('the API needs a fixed port so that clients can find it, for example "127.0.0.1:7071"')
+    return "tcp", host, port
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _is_host_name(host: str) -> bool:
+    """Return whether `host` is a DNS name or IPv4 address: dot-separated labels of at most 63 characters."""
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _mask_url(text: str) -> str:
+    """Replace the password in a URL's user info with "***"."""
+    if "@" not in text or "://" not in text:
+        return text
+    parts = urlsplit(text)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}")) if colon else text
+
+
+def _show(value: Any) -> str:
+    """Format a value as TOML writes it, with URL passwords masked, for use in messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(_mask_url(value), ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(str(key))} = {_show(item)}" for key, item in value.items()) + " }"
+    return str(value)
+
+
+def _display(spec: KeySpec, value: Any) -> Any:
+    if spec.secret:
+        return "***" if value else ""
+    if spec.kind == "duration":
+        return format_duration(value)
+    if spec.kind == "list":
+        return [_mask_url(item) for item in value]
+    if spec.kind == "table":
+        return dict(value)
+    return _mask_url(value) if isinstance(value, str) else value

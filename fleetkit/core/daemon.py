@@ -1,0 +1,134 @@
+"""The daemon: storage, engine candidate, agent, transport and control API in one process.
+
+Stopping the daemon (SIGTERM, SIGINT) leaves every unit running; a restarted
+daemon adopts them. A leader that stops resigns, so another node takes over
+without waiting for the lease to expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from fleetkit import __version__
+from fleetkit.core import keys, plugins
+from fleetkit.core.agent import Agent
+from fleetkit.core.api import serve_api
+from fleetkit.core.config import Config
+from fleetkit.core.election import Election, LeaderRecord
+from fleetkit.core.engine import Engine, LeadershipLost
+from fleetkit.core.errors import FleetkitError, StorageError
+from fleetkit.core.netinfo import detect_public_ip
+from fleetkit.core.retry import Attempts, Backoff
+from fleetkit.core.states import MachineInfo
+from fleetkit.core.storage import Storage
+from fleetkit.core.transport import EngineHost, Transport
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """Wires the components for one machine from a validated `Config`."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        storage_class = plugins.load_driver(plugins.STORAGE, config.storage.backend)
+        runtime_class = plugins.load_driver(plugins.RUNTIME, config.runtime.backend)
+        transport_class = plugins.load_driver(plugins.TRANSPORT, config.transport.mode)
+        check_capabilities(storage_class, transport_class)
+
+        self.storage: Storage = storage_class.from_config(config.storage)
+        self.runtime = runtime_class.from_config(config.runtime)
+        self.transport: Transport = transport_class(config, self.storage)
+
+        public_ip = config.node.public_ip or detect_public_ip()
+        self.machine = MachineInfo(
+            id=config.node.name, ip=public_ip, metadata=dict(config.node.metadata), version=__version__,
+        )
+        self.host = EngineHost(self.machine.id)
+        self.agent = Agent(self.machine, self.runtime)
+        self.advertise = config.transport.advertise_address(public_ip)
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        log.info(
+            "fleetkit %s starting on machine %s (%s): storage %s, transport %s",
+            __version__, self.machine.id, self.machine.ip or "no ip", self.storage.describe(), self.transport.name,
+        )
+        await self._connect_storage()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.transport.serve(self.host))
+                group.create_task(serve_api(self.config.api.listen, self.storage, self.host))
+                group.create_task(self.agent.run())
+                group.create_task(self.transport.run_agent(self.agent))
+                if self.config.engine.enabled:
+                    group.create_task(self._lead())
+        finally:
+            await self.runtime.close()
+            await self.storage.close()
+            log.info("fleetkit stopped; units keep running")
+
+    async def _connect_storage(self) -> None:
+        attempts = Attempts(Backoff(initial=0.5, cap=5.0))
+        reported = False
+        while True:
+            try:
+                await self.storage.connect()
+                if reported:
+                    log.info("storage is reachable again")
+                return
+            except StorageError as error:
+                if not reported:
+                    log.error("storage is unreachable, retrying: %s", error)
+                    reported = True
+            await attempts.sleep()
+
+    async def _lead(self) -> None:
+        """Campaign for leadership and run the engine whenever this node leads."""
+        record = LeaderRecord(machine=self.machine.id, address=self.advertise, version=__version__)
+        election = Election(self.storage, key=keys.LEADER, record=record, ttl=self.config.engine.lease_ttl)
+        attempts = Attempts(Backoff(initial=0.5, cap=5.0))
+        while True:
+            try:
+                async with election.leadership() as leadership:
+                    log.info("this machine (%s) is the leader; engine serving at %s", self.machine.id, self.advertise)
+                    engine = Engine(
+                        self.storage, leadership,
+                        machine_ttl=self.config.agent.ttl, reconcile_interval=self.config.engine.reconcile_interval,
+                    )
+                    self.host.set_engine(engine)
+                    try:
+                        await engine.run()
+                    finally:
+                        self.host.set_engine(None)
+            except* LeadershipLost as group:
+                log.warning("stopped leading: %s", group.exceptions[0])
+            except* StorageError as group:
+                log.error("engine stopped by a storage error: %s", group.exceptions[0])
+                await attempts.sleep()
+
+
+def check_capabilities(storage_class: type, transport_class: type) -> None:
+    """Reject a storage backend that lacks what the transport needs, naming what is missing."""
+    capabilities = storage_class.capabilities
+    missing = sorted(name for name in transport_class.required_capabilities if not getattr(capabilities, name, False))
+    if missing:
+        raise FleetkitError(
+            f"storage.backend = {storage_class.name!r} cannot run transport.mode = {transport_class.name!r}: "
+            f"it lacks {', '.join(missing)}; choose another backend or transport"
+        )
+
+
+async def run_until_signalled(daemon: Daemon) -> None:
+    """Run `daemon` until SIGTERM or SIGINT, then stop it leaving units running."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await daemon.run()
+    except asyncio.CancelledError:
+        log.info("received a stop signal (pid %d)", os.getpid())

@@ -1,0 +1,565 @@
+"""The etcd v3 storage backend.
+
+`Etcd3Storage` keeps fleetkit's state in etcd 3.4 or later over gRPC. aetcd
+opens the channel and authenticates, but requests go through its generated
+stubs directly, because aetcd's high-level calls drop response headers (the
+store revision of a write or list) and split watch responses into single
+events.
+
+Connections: the backend talks to one endpoint at a time. When a request to
+it fails with "unavailable" or times out, the connection is dropped, and the
+next request dials the endpoints in order, starting after the one that failed.
+Requests never retry by themselves; `watch` does, as the storage contract
+requires.
+
+Errors of grpc and aetcd are translated here, once, into `StorageUnavailable`,
+`LeaseExpired`, `FencingError`, `CompactedError` or `StorageError`, with the
+original chained as the cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+from fleetkit.core.errors import (
+    CompactedError,
+    ConfigError,
+    FencingError,
+    LeaseExpired,
+    StorageError,
+    StorageUnavailable,
+)
+from fleetkit.core.retry import Attempts, Backoff
+from fleetkit.core.storage import Capabilities, EventType, Fence, KeyValue, Storage, WatchEvent
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 2379
+
+# Keepalive pings detect a silently dead connection under a long-lived watch.
+# etcd rejects pings more frequent than --grpc-keepalive-min-time (5 s by
+# default) and pings sent while no call is open, so neither is done here.
+_CHANNEL_OPTIONS: dict[str, Any] = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 0,
+    "grpc.http2.max_pings_without_data": 0,
+    "grpc.max_receive_message_length": 256 * 1024 * 1024,
+}
+
+_UNAVAILABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One etcd client URL, split into what the gRPC channel needs."""
+
+    url: str  # without the password, safe to log
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse ``http://[user:password@]host[:port]`` (scheme optional, port 2379 by default).
+
+    Raises `ConfigError` for TLS URLs, bad ports and missing hosts.
+    """
+    raw = text.strip()
+    if "://" not in raw:
+        raw = f"http://{raw}"
+    parts = urllib.parse.urlsplit(raw)
+    shown = text.replace(parts.password, "***") if parts.password else text
+    if parts.scheme == "https":
+        raise ConfigError([f"storage endpoint {shown!r}: TLS is not supported by the etcd3 backend; use http://"])
+    if parts.scheme != "http":
+        raise ConfigError([f"storage endpoint {shown!r}: scheme must be http, got {parts.scheme!r}"])
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError as error:
+        raise ConfigError([f"storage endpoint {shown!r}: invalid port ({error})"]) from error
+    host = parts.hostname
+    if not host:
+        raise ConfigError([f"storage endpoint {shown!r}: host is missing"])
+    netloc_host = f"[{host}]" if ":" in host else host
+    user = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password else None
+    credentials = f"{user}:***@" if user else ""
+    return Endpoint(f"http://{credentials}{netloc_host}:{port}", netloc_host, port, user, password)
+
+
+def _range_end(prefix: bytes) -> bytes:
+    """Return the etcd range end that selects every key starting with `prefix`."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\0"  # etcd reads "\0" as "to the end of the keyspace"
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def _failure_reason(error: BaseException, timeout: float) -> str:
+    """Return a short human reason for a failed call, such as "connection refused"."""
+    if isinstance(error, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(error, asyncio.CancelledError):
+        return "connection closed"
+    if isinstance(error, grpc.aio.AioRpcError):
+        details = error.details() or ""
+        if "refused" in details.lower():
+            return "connection refused"
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"no answer within {timeout:g}s"
+        return f"{error.code().name.lower()}: {details}" if details else error.code().name.lower()
+    return str(error) or type(error).__name__
+
+
+def _lost_stream(error: BaseException) -> bool:
+    """Tell a grpc stream cancelled under us from a cancellation of our own task."""
+    if not isinstance(error, asyncio.CancelledError):
+        return True
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
+class _Connection:
+    """An open aetcd client bound to one endpoint, with the stubs used here."""
+
+    def __init__(self, endpoint: Endpoint, index: int, client: aetcd.Client):
+        self.endpoint = endpoint
+        self.index = index
+        self.client = client
+        self.kv = client.kvstub
+        self.lease = client.leasestub
+        self.maintenance = client.maintenancestub
+        self.watch = rpc.WatchStub(client.channel)
+        self.metadata = client.metadata
+
+
+class Etcd3Storage(Storage):
+    """Storage on etcd v3; keys are stored under `prefix`, which callers never see.
+
+    `dial_timeout` bounds connecting to one endpoint, `request_timeout` bounds
+    each request, both in seconds. A prefix without a trailing "/" gets one.
+    """
+
+    name = "etcd3"
+    capabilities = Capabilities(
+        linearizable_writes=True,
+        native_watch=True,
+        lease_ttl=True,
+        multi_key_transactions=True,
+    )
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        prefix: str = "/fleetkit/",
+        dial_timeout: float = 5.0,
+        request_timeout: float = 5.0,
+        watch_backoff: Backoff | None = None,
+    ):
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        if not endpoints:
+            raise ConfigError(["[storage] endpoints is empty; list at least one etcd URL such as http://127.0.0.1:2379"])
+        self.endpoints = [parse_endpoint(text) for text in endpoints]
+        self.prefix = prefix if prefix == "" or prefix.endswith("/") else prefix + "/"
+        self._prefix_bytes = self.prefix.encode()
+        self.dial_timeout = float(dial_timeout)
+        self.request_timeout = float(request_timeout)
+        self._watch_backoff = watch_backoff or Backoff(initial=0.1, cap=2.0)
+        self._current: _Connection | None = None
+        self._next_index = 0
+        self._dial_lock = asyncio.Lock()
+        self._closed = asyncio.Event()
+        self._watch_calls: set[Any] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_config(cls, storage_config: Any) -> Etcd3Storage:
+        """Build the backend from the ``[storage]`` config section."""
+        return cls(
+            list(storage_config.endpoints),
+            prefix=storage_config.prefix,
+            dial_timeout=storage_config.dial_timeout,
+            request_timeout=storage_config.request_timeout,
+        )
+
+    def describe(self) -> str:
+        urls = ", ".join(endpoint.url for endpoint in self.endpoints)
+        return f"etcd3 at {urls} (prefix {self.prefix!r})"
+
+    # -- connections -----------------------------------------------------------
+
+    async def connect(self) -> None:
+        self._closed.clear()
+        await self._connection()
+
+    async def close(self) -> None:
+        self._closed.set()
+        for call in list(self._watch_calls):
+            call.cancel()
+        if self._current is not None:
+            connection, self._current = self._current, None
+            await self._close_connection(connection)
+
+    async def _connection(self) -> _Connection:
+        if self._closed.is_set():
+            raise StorageError(f"{self.describe()} is closed; call connect() before using it")
+        current = self._current
+        if current is not None:
+            return current
+        async with self._dial_lock:
+            if self._current is None:
+                self._current = await self._dial()
+            return self._current
+
+    async def _dial(self) -> _Connection:
+        """Connect to the first endpoint that answers, trying each once in order."""
+        count = len(self.endpoints)
+        reasons: list[str] = []
+        for offset in range(count):
+            index = (self._next_index + offset) % count
+            endpoint = self.endpoints[index]
+            client = aetcd.Client(
+                endpoint.host,
+                endpoint.port,
+                username=endpoint.username,
+                password=endpoint.password,
+                timeout=self.request_timeout,
+                options=dict(_CHANNEL_OPTIONS),
+            )
+            try:
+                async with asyncio.timeout(self.dial_timeout):
+                    await client.connect()
+                    connection = _Connection(endpoint, index, client)
+                    await connection.maintenance.Status(rpc.StatusRequest(), metadata=connection.metadata)
+            except (grpc.aio.AioRpcError, aetcd.ClientError, TimeoutError, OSError) as error:
+                reason = _failure_reason(error.__cause__ or error, self.dial_timeout)
+                reasons.append(reason if count == 1 else f"{endpoint.url}: {reason}")
+                log.debug("etcd endpoint %s did not answer: %s", endpoint.url, reason)
+                await self._close_client(client)
+                last_error = error
+                continue
+            if offset or reasons:
+                log.info("connected to etcd at %s", endpoint.url)
+            return connection
+        urls = ", ".join(endpoint.url for endpoint in self.endpoints)
+        raise StorageUnavailable(
+            f"etcd at {urls} is unreachable ({'; '.join(reasons)}); "
+            "check [storage] endpoints and that etcd is running"
+        ) from last_error
+
+    def _discard(self, connection: _Connection) -> None:
+        """Forget a failed connection so that the next request dials again."""
+        if self._current is connection:
+            self._current = None
+            self._next_index = (connection.index + 1) % len(self.endpoints)
+            # Closing cancels the other calls still open on this channel, and
+            # they fail over to the new connection as well.
+            task = asyncio.get_running_loop().create_task(self._close_connection(connection))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _close_connection(self, connection: _Connection) -> None:
+        await self._close_client(connection.client)
+
+    @staticmethod
+    async def _close_client(client: aetcd.Client) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await client.close()
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, aetcd.ClientError, OSError) as error:
+            log.debug("closing etcd client failed: %s", error)
+
+    @contextlib.asynccontextmanager
+    async def _request(self, action: str) -> AsyncIterator[_Connection]:
+        """Run one request on the current connection and translate its errors."""
+        connection = await self._connection()
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                yield connection
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.CancelledError) as error:
+            if not _lost_stream(error):
+                raise
+            raise self._translate(error, action, connection) from error
+
+    def _translate(self, error: BaseException, action: str, connection: _Connection) -> StorageError:
+        reason = _failure_reason(error, self.request_timeout)
+        code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+        if code is None or code in _UNAVAILABLE_CODES:
+            self._discard(connection)
+            return StorageUnavailable(
+                f"etcd {action} failed at {connection.endpoint.url} ({reason}); "
+                "check that etcd is running, then retry"
+            )
+        if code == grpc.StatusCode.NOT_FOUND and "lease not found" in (error.details() or ""):
+            return LeaseExpired(f"etcd {action} failed: the lease no longer exists; grant a new lease")
+        return StorageError(f"etcd {action} failed at {connection.endpoint.url} ({reason})")
+
+    # -- keys ------------------------------------------------------------------
+
+    def _full(self, key: str) -> bytes:
+        return self._prefix_bytes + key.encode()
+
+    def _key_value(self, kv: Any) -> KeyValue:
+        return KeyValue(
+            key=kv.key[len(self._prefix_bytes):].decode(),
+            value=bytes(kv.value),
+            create_revision=kv.create_revision,
+            mod_revision=kv.mod_revision,
+            lease=kv.lease,
+        )
+
+    async def get(self, key: str) -> KeyValue | None:
+        async with self._request(f"get {key!r}") as connection:
+            response = await connection.kv.Range(rpc.RangeRequest(key=self._full(key)), metadata=connection.metadata)
+        return self._key_value(response.kvs[0]) if response.kvs else None
+
+    async def list(self, prefix: str) -> tuple[list[KeyValue], int]:
+        full = self._full(prefix)
+        # NOTE: one unpaged range; a prefix over 256 MiB of data fails.
+        request = rpc.RangeRequest(
+            key=full,
+            range_end=_range_end(full),
+            sort_order=rpc.RangeRequest.ASCEND,
+            sort_target=rpc.RangeRequest.KEY,
+        )
+        async with self._request(f"list {prefix!r}") as connection:
+            response = await connection.kv.Range(request, metadata=connection.metadata)
+        return [self._key_value(kv) for kv in response.kvs], response.header.revision
+
+    # -- writes ------------------------------------------------------------------
+
+    def _compare(self, key: str, target: str, revision: int) -> Any:
+        if target == "create":
+            return rpc.Compare(key=self._full(key), result=rpc.Compare.EQUAL,
+                               target=rpc.Compare.CREATE, create_revision=revision)
+        return rpc.Compare(key=self._full(key), result=rpc.Compare.EQUAL,
+                           target=rpc.Compare.MOD, mod_revision=revision)
+
+    def _read_op(self, key: str) -> Any:
+        return rpc.RequestOp(request_range=rpc.RangeRequest(key=self._full(key)))
+
+    async def _txn(self, action: str, compares: list[Any], success: list[Any], failure: list[Any]) -> Any:
+        request = rpc.TxnRequest(compare=compares, success=success, failure=failure)
+        async with self._request(action) as connection:
+            return await connection.kv.Txn(request, metadata=connection.metadata)
+
+    def _fence_broken(self, fence: Fence, response: Any, index: int = 0) -> FencingError | None:
+        """Return a FencingError when the failure branch shows `fence` no longer holds."""
+        kvs = response.responses[index].response_range.kvs
+        current = kvs[0].create_revision if kvs else 0
+        if current == fence.create_revision:
+            return None
+        now = f"was re-created at revision {current}" if current else "no longer exists"
+        return FencingError(
+            f"write rejected: fence key {fence.key!r} created at revision {fence.create_revision} {now}, "
+            "so this process is no longer the leader; stop writing and campaign again"
+        )
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0, fence: Fence | None = None) -> int:
+        compares = [self._compare(fence.key, "create", fence.create_revision)] if fence else []
+        write = rpc.RequestOp(request_put=rpc.PutRequest(key=self._full(key), value=value, lease=lease))
+        failure = [self._read_op(fence.key)] if fence else []
+        response = await self._txn(f"put {key!r}", compares, [write], failure)
+        if not response.succeeded:
+            assert fence is not None  # only the fence can make an unconditional put fail
+            raise self._fence_broken(fence, response) or FencingError(
+                f"put {key!r} rejected by fence {fence.key!r}; stop writing and campaign again"
+            )
+        return response.header.revision
+
+    async def compare_and_swap(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        expected_revision: int,
+        lease: int = 0,
+        fence: Fence | None = None,
+    ) -> int | None:
+        compares = [self._compare(fence.key, "create", fence.create_revision)] if fence else []
+        compares.append(self._compare(key, "mod", expected_revision))
+        write = rpc.RequestOp(request_put=rpc.PutRequest(key=self._full(key), value=value, lease=lease))
+        failure = [self._read_op(fence.key)] if fence else []
+        response = await self._txn(f"compare-and-swap {key!r}", compares, [write], failure)
+        if response.succeeded:
+            return response.header.revision
+        if fence is not None and (error := self._fence_broken(fence, response)):
+            raise error
+        return None
+
+    async def delete(self, key: str, *, expected_revision: int | None = None, fence: Fence | None = None) -> bool:
+        compares = [self._compare(fence.key, "create", fence.create_revision)] if fence else []
+        if expected_revision is not None:
+            compares.append(self._compare(key, "mod", expected_revision))
+        remove = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._full(key)))
+        failure = [self._read_op(fence.key)] if fence else []
+        response = await self._txn(f"delete {key!r}", compares, [remove], failure)
+        if response.succeeded:
+            return response.responses[0].response_delete_range.deleted > 0
+        if fence is not None and (error := self._fence_broken(fence, response)):
+            raise error
+        return False
+
+    # -- leases ------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: float) -> int:
+        if ttl <= 0:
+            raise ValueError(f"lease TTL must be positive, got {ttl}")
+        # etcd counts lease TTLs in whole seconds, so round up to never expire early.
+        request = rpc.LeaseGrantRequest(TTL=math.ceil(ttl), ID=0)
+        async with self._request(f"grant lease of {ttl:g}s") as connection:
+            response = await connection.lease.LeaseGrant(request, metadata=connection.metadata)
+        if response.error:
+            raise StorageError(f"etcd rejected a lease of {ttl:g}s: {response.error}")
+        return response.ID
+
+    async def refresh_lease(self, lease: int) -> float:
+        async with self._request(f"refresh lease {lease:x}") as connection:
+            call = connection.lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease)]),
+                                                   metadata=connection.metadata)
+            try:
+                response = await call.read()
+            finally:
+                call.cancel()
+        if response is grpc.aio.EOF:
+            raise StorageUnavailable(f"etcd at {connection.endpoint.url} closed the keep-alive of lease {lease:x}; retry")
+        if response.TTL <= 0:
+            raise LeaseExpired(f"lease {lease:x} has expired or was revoked; grant a new lease")
+        return float(response.TTL)
+
+    async def revoke_lease(self, lease: int) -> None:
+        try:
+            async with self._request(f"revoke lease {lease:x}") as connection:
+                await connection.lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease), metadata=connection.metadata)
+        except LeaseExpired:
+            pass  # already gone, which is what revoking wants
+
+    # -- watch -------------------------------------------------------------------
+
+    async def _sleep_unless_closed(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._closed.wait()
+
+    async def watch(self, prefix: str, *, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Yield one batch per store revision; see `Storage.watch`.
+
+        Reconnects with backoff after connection loss and resumes at the
+        revision after the last one yielded. Ends when the storage is closed.
+        """
+        full = self._full(prefix)
+        next_revision = start_revision
+        attempts = Attempts(self._watch_backoff, sleep=self._sleep_unless_closed)
+        outage: str | None = None
+        while not self._closed.is_set():
+            try:
+                connection = await self._connection()
+                call = await self._open_watch(connection, prefix, full, next_revision)
+            except StorageUnavailable as error:
+                if outage is None:
+                    log.warning("watch of %r lost etcd, retrying with backoff: %s", prefix, error)
+                outage = str(error)
+                await attempts.sleep()
+                continue
+            if outage is not None:
+                log.info("watch of %r resumed at revision %d", prefix, next_revision)
+                outage = None
+            try:
+                async for batch in self._read_watch(call, connection, prefix, next_revision):
+                    yield batch
+                    next_revision = batch[-1].revision + 1
+                    attempts.reset()
+            except StorageUnavailable as error:
+                log.warning("watch of %r lost etcd at revision %d, retrying with backoff: %s",
+                            prefix, next_revision, error)
+                outage = str(error)
+            finally:
+                call.cancel()
+                self._watch_calls.discard(call)
+            if not self._closed.is_set():
+                await attempts.sleep()
+
+    async def _open_watch(self, connection: _Connection, prefix: str, full: bytes, start_revision: int) -> Any:
+        """Open a watch stream and wait until etcd confirms that it was created."""
+        create = rpc.WatchCreateRequest(key=full, range_end=_range_end(full), start_revision=start_revision)
+        call = connection.watch.Watch(iter([rpc.WatchRequest(create_request=create)]), metadata=connection.metadata)
+        self._watch_calls.add(call)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                response = await call.read()
+        except (grpc.aio.AioRpcError, TimeoutError, asyncio.CancelledError) as error:
+            call.cancel()
+            self._watch_calls.discard(call)
+            if not _lost_stream(error):
+                raise
+            raise self._translate(error, f"watch {prefix!r}", connection) from error
+        if response is grpc.aio.EOF or not response.created:
+            call.cancel()
+            self._watch_calls.discard(call)
+            self._discard(connection)
+            raise StorageUnavailable(f"etcd at {connection.endpoint.url} ended the watch of {prefix!r} unexpectedly; retrying")
+        self._raise_if_compacted(response, prefix, start_revision)
+        return call
+
+    async def _read_watch(self, call: Any, connection: _Connection, prefix: str,
+                          next_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        # No timeout on reads: a quiet prefix sends nothing for hours, and the
+        # channel's keepalive pings detect a dead connection instead.
+        while True:
+            try:
+                response = await call.read()
+            except (grpc.aio.AioRpcError, asyncio.CancelledError) as error:
+                if not _lost_stream(error):
+                    raise
+                if self._closed.is_set():
+                    return
+                raise self._translate(error, f"watch {prefix!r}", connection) from error
+            if response is grpc.aio.EOF:
+                raise StorageUnavailable(f"etcd at {connection.endpoint.url} closed the watch of {prefix!r}")
+            self._raise_if_compacted(response, prefix, next_revision)
+            if response.canceled:
+                raise StorageError(f"etcd cancelled the watch of {prefix!r}: {response.cancel_reason or 'no reason given'}")
+            batches: list[list[WatchEvent]] = []
+            for event in response.events:
+                if event.kv.mod_revision < next_revision:
+                    continue  # yielded before; etcd never sends these, so this is only a guard
+                if batches and batches[-1][-1].revision == event.kv.mod_revision:
+                    batches[-1].append(self._watch_event(event))
+                else:
+                    batches.append([self._watch_event(event)])
+            for batch in batches:
+                yield batch
+                next_revision = batch[-1].revision + 1
+
+    def _raise_if_compacted(self, response: Any, prefix: str, start_revision: int) -> None:
+        if response.compact_revision:
+            raise CompactedError(
+                f"watch of {prefix!r} cannot resume at revision {start_revision}: etcd has compacted "
+                f"its history up to revision {response.compact_revision}; list the prefix again and watch from there",
+                compact_revision=response.compact_revision,
+            )
+
+    def _watch_event(self, event: Any) -> WatchEvent:
+        key = event.kv.key[len(self._prefix_bytes):].decode()
+        if event.type == rpc.Event.DELETE:
+            return WatchEvent(EventType.DELETE, key, None, event.kv.mod_revision)
+        return WatchEvent(EventType.PUT, key, bytes(event.kv.value), event.kv.mod_revision)

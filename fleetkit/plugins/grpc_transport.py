@@ -1,0 +1,251 @@
+"""The ``grpc`` transport: one bidirectional stream per agent to the leader.
+
+Machine presence and unit states travel only over these streams and live in
+the leader's memory; storage holds just the persistent state. Agents find
+the leader through the leader record and reconnect with backoff when the
+stream breaks, sending their full state again on every new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import grpc
+
+from fleetkit.core.agent import Agent
+from fleetkit.core.election import read_leader
+from fleetkit.core.errors import StorageError, TransportError
+from fleetkit.core.states import ChangeMessage, DesiredUnit, MachineInfo, SnapshotMessage, UnitState
+from fleetkit.core.transport import EngineHost, Transport
+from fleetkit.rpc import transport_pb2 as pb
+from fleetkit.rpc import transport_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 10.0
+SNAPSHOT_TIMEOUT = 30.0
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 3.0
+
+
+# -- conversions -----------------------------------------------------------
+
+def state_to_pb(state: UnitState) -> pb.UnitState:
+    return pb.UnitState(
+        name=state.name, hash=state.hash, load_state=state.load_state,
+        active_state=state.active_state, sub_state=state.sub_state,
+    )
+
+
+def state_from_pb(message: pb.UnitState) -> UnitState:
+    return UnitState(
+        name=message.name, hash=message.hash, load_state=message.load_state,
+        active_state=message.active_state, sub_state=message.sub_state,
+    )
+
+
+def machine_to_pb(info: MachineInfo) -> pb.MachineInfo:
+    return pb.MachineInfo(id=info.id, ip=info.ip, metadata=info.metadata, version=info.version)
+
+
+def machine_from_pb(message: pb.MachineInfo) -> MachineInfo:
+    return MachineInfo(id=message.id, ip=message.ip, metadata=dict(message.metadata), version=message.version)
+
+
+def desired_to_pb(unit: DesiredUnit) -> pb.DesiredUnit:
+    return pb.DesiredUnit(name=unit.name, unit_file=unit.unit_file, hash=unit.hash, desired_state=unit.desired_state)
+
+
+def desired_from_pb(message: pb.DesiredUnit) -> DesiredUnit:
+    return DesiredUnit(
+        name=message.name, unit_file=message.unit_file, hash=message.hash, desired_state=message.desired_state,
+    )
+
+
+def engine_message_to_pb(message: SnapshotMessage | ChangeMessage) -> pb.EngineMessage:
+    if isinstance(message, SnapshotMessage):
+        return pb.EngineMessage(snapshot=pb.Snapshot(units=[desired_to_pb(unit) for unit in message.units]))
+    return pb.EngineMessage(
+        change=pb.Change(upserted=[desired_to_pb(unit) for unit in message.upserted], removed=message.removed),
+    )
+
+
+def engine_message_from_pb(message: pb.EngineMessage) -> SnapshotMessage | ChangeMessage:
+    if message.HasField("snapshot"):
+        return SnapshotMessage(units=[desired_from_pb(unit) for unit in message.snapshot.units])
+    return ChangeMessage(
+        upserted=[desired_from_pb(unit) for unit in message.change.upserted], removed=list(message.change.removed),
+    )
+
+
+# -- engine side -----------------------------------------------------------
+
+class AgentTransportServicer(pb_grpc.AgentTransportServicer):
+    """Serves agent streams for the engine in `host`, when there is one."""
+
+    def __init__(self, host: EngineHost):
+        self._host = host
+
+    async def Connect(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        engine = self._host.engine
+        if engine is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self._host.machine_id} is not the leader")
+        engine_gone = self._host.changed
+
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                first = await context.read()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello from agent within 10s")
+        if first is grpc.aio.EOF or not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a stream must be a hello")
+
+        info = machine_from_pb(first.hello.machine)
+        queue: asyncio.Queue = asyncio.Queue()
+        await engine.attach_agent(info, [state_from_pb(state) for state in first.hello.states], queue.put_nowait)
+        try:
+            async with asyncio.TaskGroup() as group:
+                reader = group.create_task(self._read(context, engine, info.id))
+                writer = group.create_task(self._write(context, queue))
+                gone = group.create_task(engine_gone.wait())
+                done, _ = await asyncio.wait({reader, writer, gone}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (reader, writer, gone):
+                    task.cancel()
+        finally:
+            engine.detach_agent(info.id, queue.put_nowait)
+
+    @staticmethod
+    async def _read(context, engine, machine_id: str) -> None:
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                return
+            if message.HasField("states"):
+                engine.report_states(
+                    machine_id,
+                    [state_from_pb(state) for state in message.states.changed],
+                    list(message.states.removed),
+                )
+            else:
+                engine.touch(machine_id)
+
+    @staticmethod
+    async def _write(context, queue: asyncio.Queue) -> None:
+        while True:
+            message = await queue.get()
+            await context.write(engine_message_to_pb(message))
+
+    async def GetClusterState(self, request, context):  # noqa: N802 - gRPC method name
+        engine = self._host.engine
+        if engine is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self._host.machine_id} is not the leader")
+        return cluster_state_to_pb(self._host.machine_id, engine)
+
+
+def cluster_state_to_pb(leader: str, engine) -> pb.ClusterState:
+    reply = pb.ClusterState(leader=leader)
+    for machine_id, presence in sorted(engine.machines.items()):
+        reply.machines.append(pb.MachineState(
+            machine=machine_to_pb(presence.info),
+            units=[state_to_pb(state) for state in presence.states.values()],
+            seconds_since_contact=engine.seconds_since_contact(machine_id),
+            connected=presence.connected,
+        ))
+    return reply
+
+
+# -- the plugin ------------------------------------------------------------
+
+class GrpcTransport(Transport):
+    """Streams between each agent and the leader."""
+
+    name = "grpc"
+
+    async def serve(self, host: EngineHost) -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_AgentTransportServicer_to_server(AgentTransportServicer(host), server)
+        listen = self.config.transport.listen
+        # NOTE: the agent transport runs without TLS; it belongs on a trusted network or loopback.
+        port = server.add_insecure_port(listen)
+        if port == 0:
+            raise TransportError(f"cannot listen on transport.listen = {listen!r}; is the port in use?")
+        await server.start()
+        log.info("engine transport listening on %s", listen)
+        try:
+            await server.wait_for_termination()
+        finally:
+            await server.stop(grace=1.0)
+
+    async def run_agent(self, agent: Agent) -> None:
+        await agent.wait_adopted()
+        delay = BACKOFF_INITIAL
+        last_error = ""
+        while True:
+            try:
+                address = await self._leader_address()
+                await self._session(agent, address)
+                delay = BACKOFF_INITIAL
+            except (TransportError, StorageError, grpc.aio.AioRpcError) as error:
+                message = _describe(error)
+                if message != last_error:
+                    log.warning("agent is not connected to the leader: %s; retrying", message)
+                    last_error = message
+            delay = min(BACKOFF_MAX, delay * 2)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _leader_address(self) -> str:
+        found = await read_leader(self.storage)
+        if found is None:
+            raise TransportError("no leader is elected yet")
+        record, _revision = found
+        return record.address
+
+    async def _session(self, agent: Agent, address: str) -> None:
+        heartbeat_interval = max(0.5, self.config.agent.ttl / 4)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.AgentTransportStub(channel)
+            call = stub.Connect()
+            hello = pb.AgentHello(
+                machine=machine_to_pb(agent.machine), states=[state_to_pb(state) for state in agent.full_state()],
+            )
+            await call.write(pb.AgentMessage(hello=hello))
+            async with asyncio.timeout(SNAPSHOT_TIMEOUT):
+                first = await call.read()
+            if first is grpc.aio.EOF:
+                raise TransportError(f"leader at {address} closed the stream")
+            agent.apply(engine_message_from_pb(first))
+            log.info("agent connected to the leader at %s", address)
+
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._receive(call, agent, address))
+                group.create_task(self._send(call, agent, heartbeat_interval))
+
+    @staticmethod
+    async def _receive(call, agent: Agent, address: str) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                raise TransportError(f"leader at {address} ended the stream")
+            agent.apply(engine_message_from_pb(message))
+
+    @staticmethod
+    async def _send(call, agent: Agent, heartbeat_interval: float) -> None:
+        sequence = 0
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat_interval):
+                    changed, removed = await agent.next_updates()
+            except TimeoutError:
+                sequence += 1
+                await call.write(pb.AgentMessage(heartbeat=pb.Heartbeat(sequence=sequence)))
+                continue
+            update = pb.StateUpdate(changed=[state_to_pb(state) for state in changed], removed=removed)
+            await call.write(pb.AgentMessage(states=update))
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error)

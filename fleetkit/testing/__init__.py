@@ -1,0 +1,1 @@
+"""Helpers for testing fleetkit and its plugins."""

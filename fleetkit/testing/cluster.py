@@ -1,0 +1,189 @@
+"""A cluster of real fleetkit daemons for end-to-end tests.
+
+Each node is a ``fleetkit daemon`` subprocess with its own real systemd user
+manager (see `fleetkit.usermanager`) and config, all on loopback and sharing
+one etcd. Tests drive it through the real CLI (`TestCluster.cli`) and check
+what systemd itself reports (`Node.unit_property`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleetkit.cli.devcluster import free_port, node_config
+from fleetkit.usermanager import UserManager, start_user_manager
+
+DAEMON_READY_TIMEOUT = 30.0
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Node:
+    """One simulated machine: a user manager and, while started, a daemon process."""
+
+    name: str
+    directory: Path
+    manager: UserManager
+    config_path: Path
+    process: asyncio.subprocess.Process | None = None
+    log_files: list = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix://{self.directory / 'fleetkit.sock'}"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.directory / "fleetkit.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "daemon.log"
+
+    async def start(self) -> None:
+        """Start the daemon and wait until its control API socket exists."""
+        self.socket_path.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        self.log_files.append(log)
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleetkit", "daemon", "--config", str(self.config_path),
+            stdout=log, stderr=log, start_new_session=True,
+        )
+        deadline = time.monotonic() + DAEMON_READY_TIMEOUT
+        while not self.socket_path.exists():
+            if self.process.returncode is not None:
+                raise RuntimeError(f"daemon {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon {self.name} did not start:\n{self.log_tail()}")
+            await asyncio.sleep(0.1)
+
+    async def kill(self) -> None:
+        """SIGKILL the daemon, as a crash would."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+            await self.process.wait()
+
+    async def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the daemon and wait; SIGKILL after `timeout`."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.process.wait()
+        except TimeoutError:
+            await self.kill()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def unit_property(self, unit: str, name: str) -> str:
+        """Return a property of `unit` as this node's systemd reports it (``systemctl --user show``)."""
+        env = {**os.environ, **self.manager.env()}
+        process = await asyncio.create_subprocess_exec(
+            "systemctl", "--user", "show", "-p", name, "--value", unit,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(15):
+            stdout, _ = await process.communicate()
+        return stdout.decode().strip()
+
+    async def active_units(self, pattern: str = "*") -> set[str]:
+        """Return the names of the units systemd reports active that match `pattern`."""
+        env = {**os.environ, **self.manager.env()}
+        process = await asyncio.create_subprocess_exec(
+            "systemctl", "--user", "list-units", "--state=active", "--no-legend", "--plain", pattern,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(15):
+            stdout, _ = await process.communicate()
+        return {line.split()[0] for line in stdout.decode().splitlines() if line.strip()}
+
+
+class TestCluster:
+    """Nodes sharing one etcd; create with `start`, always `close`."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, directory: Path, etcd_url: str):
+        self.directory = directory
+        self.etcd_url = etcd_url
+        self.nodes: dict[str, Node] = {}
+
+    async def add_node(
+        self, name: str, metadata: dict[str, str] | None = None, *, lease_ttl: str = "4s", agent_ttl: str = "8s",
+    ) -> Node:
+        node_dir = self.directory / name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        manager = await start_user_manager(str(self.directory / "managers"), name=name)
+        config_path = node_dir / "cluster.toml"
+        config_path.write_text(node_config(
+            self.directory, name, self.etcd_url, free_port(), manager, metadata or {},
+            lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl,
+        ))
+        node = Node(name=name, directory=node_dir, manager=manager, config_path=config_path)
+        self.nodes[name] = node
+        return node
+
+    async def start(self) -> None:
+        await asyncio.gather(*(node.start() for node in self.nodes.values()))
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            await node.stop()
+        for node in self.nodes.values():
+            await node.manager.stop()
+            for log in node.log_files:
+                log.close()
+
+    def endpoint(self, exclude: str | None = None) -> str:
+        for node in self.nodes.values():
+            if node.running and node.name != exclude:
+                return node.endpoint
+        raise RuntimeError("no daemon is running")
+
+    async def cli(self, *args: str, endpoint: str | None = None, timeout: float = 120.0) -> CliResult:
+        """Run the real ``fleetkit`` CLI in a subprocess and return its exit code and output."""
+        env = {**os.environ, "FLEETKIT_ENDPOINT": endpoint or self.endpoint()}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleetkit", *args,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await process.communicate()
+        return CliResult(process.returncode, stdout.decode(), stderr.decode())
+
+    async def leader(self) -> str:
+        """Return the name of the node whose engine leads, read from the daemon logs."""
+        from fleetkit.core.election import read_leader
+        from fleetkit.plugins.etcd3 import Etcd3Storage
+
+        storage = Etcd3Storage([self.etcd_url], prefix="/fleetkit/")
+        await storage.connect()
+        try:
+            found = await read_leader(storage)
+        finally:
+            await storage.close()
+        return found[0].machine if found else ""
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name} ---\n{node.log_tail()}" for name, node in self.nodes.items())

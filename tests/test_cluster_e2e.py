@@ -1,0 +1,183 @@
+"""End-to-end: real daemons, real etcd and real systemd user managers, driven through the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+NODES = {
+    "node1": {"role": "web", "disk": "ssd"},
+    "node2": {"role": "web"},
+    "node3": {"role": "db"},
+}
+
+SLEEPER = "[Service]\nExecStart=/bin/sleep 3600\n"
+
+
+def write_units(directory: Path) -> list[str]:
+    """Write the scenario's unit files and return the CLI arguments that start them."""
+    files = {
+        "app@.service": "[Unit]\nDescription=App instance %i\n\n" + SLEEPER,
+        "monitor.service": SLEEPER + "\n[X-Fleet]\nGlobal=true\n",
+        "alpha.service": SLEEPER + "\n[X-Fleet]\nConflicts=beta.service\n",
+        "beta.service": SLEEPER,
+        "database.service": SLEEPER + "\n[X-Fleet]\nMachineMetadata=role=db\n",
+        "cache.service": SLEEPER + "\n[X-Fleet]\nMachineMetadata=role=web\nMachineMetadata=disk=ssd\n",
+    }
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    instances = [str(directory / f"app@{index}.service") for index in (1, 2, 3)]
+    others = [str(directory / name) for name in files if "@" not in name]
+    return instances + others
+
+
+async def wait_until(predicate, timeout: float, interval: float = 0.5):
+    """Await `predicate()` until it returns a true value or `timeout` seconds pass; return the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(interval)
+
+
+async def placements(cluster) -> dict[str, set[str]]:
+    """Return unit name to the set of nodes where systemd reports it active."""
+    found: dict[str, set[str]] = {}
+    for name, node in cluster.nodes.items():
+        for unit in await node.active_units("*.service"):
+            found.setdefault(unit, set()).add(name)
+    return found
+
+
+async def main_pids(cluster, units) -> dict[tuple[str, str], str]:
+    pids = {}
+    for name, node in cluster.nodes.items():
+        for unit in units:
+            if await node.unit_property(unit, "ActiveState") == "active":
+                pids[(name, unit)] = await node.unit_property(unit, "MainPID")
+    return pids
+
+
+def check_scenario(found: dict[str, set[str]]) -> None:
+    for index in (1, 2, 3):
+        assert len(found.get(f"app@{index}.service", set())) == 1, found
+    assert found.get("monitor.service") == {"node1", "node2", "node3"}
+    assert len(found.get("alpha.service", set())) == 1
+    assert len(found.get("beta.service", set())) == 1
+    assert found["alpha.service"] != found["beta.service"]
+    assert found.get("database.service") == {"node3"}
+    assert found.get("cache.service") == {"node1"}
+
+
+async def start_scenario(cluster, tmp_path: Path) -> dict[str, set[str]]:
+    arguments = write_units(tmp_path)
+    result = await cluster.cli("start", "--block-timeout", "60", *arguments)
+    assert result.code == 0, result.stderr + cluster.logs()
+    return await placements(cluster)
+
+
+async def test_scenario_runs_on_right_machines(cluster_factory, tmp_path):
+    cluster = await cluster_factory(NODES)
+
+    found = await start_scenario(cluster, tmp_path)
+
+    check_scenario(found)
+    listing = await cluster.cli("list-units", "--output", "json")
+    assert listing.code == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert {"unit", "machine", "load", "active", "sub", "desired"} <= set(rows[0])
+    listed = {(row["unit"], row["machine"]) for row in rows if row["active"] == "active"}
+    expected = {(unit, node) for unit, nodes in found.items() for node in nodes if unit in {r["unit"] for r in rows}}
+    assert listed == expected
+    machines = json.loads((await cluster.cli("list-machines", "--output", "json")).stdout)
+    assert {machine["machine"] for machine in machines} == set(NODES)
+    assert {"machine", "ip", "metadata"} <= set(machines[0])
+
+
+async def test_leader_kill_keeps_units_running(cluster_factory, tmp_path):
+    cluster = await cluster_factory(NODES)
+    found = await start_scenario(cluster, tmp_path)
+    before = await main_pids(cluster, found)
+    old_leader = await cluster.leader()
+    assert old_leader in NODES
+
+    started = time.monotonic()
+    await cluster.nodes[old_leader].kill()
+
+    async def new_leader():
+        name = await cluster.leader()
+        return name if name and name != old_leader else ""
+
+    leader = await wait_until(new_leader, timeout=4 + 6)
+    elapsed = time.monotonic() - started
+    assert leader, f"no new leader after {elapsed:.1f}s\n" + cluster.logs()
+    # The new engine must not move or restart anything while the old node's agent is away briefly.
+    await cluster.nodes[old_leader].start()
+    await asyncio.sleep(3)
+    listing = await cluster.cli("list-units", "--output", "json", endpoint=cluster.nodes[leader].endpoint)
+    assert listing.code == 0, listing.stderr
+    after = await main_pids(cluster, found)
+    assert after == before
+
+
+async def test_stopped_agent_units_move(cluster_factory, tmp_path):
+    cluster = await cluster_factory({"node1": {}, "node2": {}}, agent_ttl="5s")
+    (tmp_path / "work@.service").write_text(SLEEPER)
+    arguments = [str(tmp_path / f"work@{index}.service") for index in range(1, 5)]
+    result = await cluster.cli("start", "--block-timeout", "60", *arguments)
+    assert result.code == 0, result.stderr + cluster.logs()
+    found = await placements(cluster)
+    leader = await cluster.leader()
+    other = "node2" if leader == "node1" else "node1"
+    moving = {unit for unit, nodes in found.items() if nodes == {other}}
+    assert moving, found
+
+    await cluster.nodes[other].stop()
+
+    async def moved():
+        now = await cluster.nodes[leader].active_units("work@*")
+        return moving <= now
+
+    assert await wait_until(moved, timeout=5 + 20), cluster.logs()
+
+    # Back again: the returning agent stops its stale copies.
+    await cluster.nodes[other].start()
+
+    async def cleaned():
+        return not (await cluster.nodes[other].active_units("work@*")) & moving
+
+    assert await wait_until(cleaned, timeout=20), cluster.logs()
+
+
+async def test_etcd_restart_keeps_units_running(cluster_factory, tmp_path):
+    cluster = await cluster_factory({"node1": {}, "node2": {}})
+    (tmp_path / "svc@.service").write_text(SLEEPER)
+    result = await cluster.cli("start", "--block-timeout", "60", *(str(tmp_path / f"svc@{i}.service") for i in (1, 2)))
+    assert result.code == 0, result.stderr + cluster.logs()
+    found = await placements(cluster)
+    before = await main_pids(cluster, found)
+
+    cluster.etcd.kill()
+    await asyncio.sleep(3)
+    during = await main_pids(cluster, found)
+    unavailable = await cluster.cli("start", "--no-block", str(tmp_path / "svc@3.service"), timeout=60)
+    cluster.etcd.start()
+
+    assert during == before
+    assert unavailable.code == 1
+    assert "unreachable" in unavailable.stderr or "unavailable" in unavailable.stderr.lower()
+
+    async def converged():
+        again = await cluster.cli("start", "--block-timeout", "30", str(tmp_path / "svc@3.service"))
+        return again.code == 0
+
+    assert await wait_until(converged, timeout=60, interval=1), cluster.logs()
+    after = await main_pids(cluster, found)
+    assert after == before
