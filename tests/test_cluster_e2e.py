@@ -90,7 +90,7 @@ async def test_scenario_runs_on_right_machines(cluster_factory, tmp_path):
 
     check_scenario(found)
     listing = await cluster.cli("list-units", "--output", "json")
-    assert listing.code == 0, listing.stderr
+    assert listing.code == 0, listing.stderr + cluster.logs()
     rows = json.loads(listing.stdout)
     assert {"unit", "machine", "load", "active", "sub", "desired"} <= set(rows[0])
     listed = {(row["unit"], row["machine"]) for row in rows if row["active"] == "active"}

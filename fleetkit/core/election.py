@@ -3,9 +3,9 @@
 One key (``leader`` under the storage prefix) names the engine in charge.
 A candidate grants a lease, then creates the key with that lease in one
 compare-and-swap that only succeeds when the key is absent. The revision that
-created the key becomes the `Fence` for every engine write: once the key is
-deleted or re-created, fenced writes fail in the store with `FencingError`,
-even from a leader that was paused and does not yet know it lost.
+created the key becomes the `Fence` for every engine write. Once the key is
+deleted or re-created, the store rejects fenced writes with `FencingError`,
+even from a leader that was paused and does not yet know that it lost.
 
 While leading, a keep-alive task renews the lease every ``ttl / 3`` seconds.
 `Leadership.is_held()` also measures, on the local clock, the time since the
@@ -35,7 +35,7 @@ DEFAULT_KEY = "leader"
 
 @dataclass(frozen=True, slots=True)
 class LeaderRecord:
-    """What the leader key stores: who leads, where to reach it, which version it runs."""
+    """Contents of the leader key: the leading machine, its address and its fleetkit version."""
 
     machine: str
     address: str
@@ -118,9 +118,9 @@ class Leadership:
 class Election:
     """Campaigns for the leader key and keeps it while the caller leads.
 
-    `ttl` is the lease time-to-live in seconds; etcd rounds it up to whole
-    seconds and to its minimum (2 s with default settings). `clock` measures
-    time since the last renewal and may be replaced in tests.
+    `ttl` is the lease time-to-live in seconds. etcd 3.4 rounds it up to whole
+    seconds and to its minimum, which is 2 s with default settings. `clock`
+    measures the time since the last renewal, and tests may replace it.
     """
 
     def __init__(self, storage: Storage, *, key: str = DEFAULT_KEY, record: LeaderRecord,
@@ -258,7 +258,8 @@ class Election:
                         continue
                     for event in update:
                         if event.key == self.key:
-                            lead._mark_lost(f"leader key {self.key!r} changed ({event.type.value} at revision {event.revision})")
+                            change = "deleted" if event.type is EventType.DELETE else "overwritten"
+                            lead._mark_lost(f"leader key {self.key!r} was {change} at revision {event.revision}")
                             return
         except asyncio.CancelledError:
             raise
@@ -286,7 +287,7 @@ class Election:
 async def read_leader(storage: Storage, key: str = DEFAULT_KEY) -> tuple[LeaderRecord, int] | None:
     """Return the current leader record and the revision that created its key, or None.
 
-    Raises `StorageError` when the key holds something that is not a record.
+    Raises `StorageError` when the key contains something that is not a record.
     """
     current = await storage.get(key)
     if current is None:
@@ -295,7 +296,7 @@ async def read_leader(storage: Storage, key: str = DEFAULT_KEY) -> tuple[LeaderR
         return LeaderRecord.from_json(current.value), current.create_revision
     except ValueError as error:
         raise StorageError(
-            f"leader key {key!r} holds an invalid record ({error}); delete the key so that a leader is elected again"
+            f"leader key {key!r} contains an invalid record ({error}); delete the key so that a leader is elected again"
         ) from error
 
 
@@ -305,7 +306,7 @@ def _parse_or_none(key: str, value: bytes | None) -> LeaderRecord | None:
     try:
         return LeaderRecord.from_json(value)
     except ValueError as error:
-        log.warning("leader key %r holds an invalid record, treating it as no leader: %s", key, error)
+        log.warning("leader key %r contains an invalid record, treating it as no leader: %s", key, error)
         return None
 
 

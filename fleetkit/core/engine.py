@@ -35,7 +35,8 @@ MAX_WRITES_IN_FLIGHT = 64
 # Delay between a change and the pass it triggers, so bursts become one pass.
 DEBOUNCE_SECONDS = 0.02
 
-Sender = Callable[[SnapshotMessage | ChangeMessage], None]
+# Queues a message on an agent's stream; None ends the stream.
+Sender = Callable[[SnapshotMessage | ChangeMessage | None], None]
 
 
 class LeadershipLost(Exception):
@@ -152,6 +153,9 @@ class Engine:
         presence.sender = sender
         self._awaited.discard(info.id)
 
+        # Global units apply by metadata and conflicts, so place them for this machine now:
+        # a snapshot without them would make the agent stop them.
+        self.last_plan = self._plan()[0]
         desired = self._desired_for(info.id)
         presence.sent = desired
         sender(SnapshotMessage(units=sorted(desired.values(), key=lambda unit: unit.name)))
@@ -206,9 +210,11 @@ class Engine:
         now = self._clock()
         live: dict[str, Machine] = {}
         for machine_id, presence in list(self.machines.items()):
-            expired = not presence.connected and now - presence.last_contact >= self._machine_ttl
-            if expired:
+            if now - presence.last_contact >= self._machine_ttl:
                 log.warning("machine %s expired after %.0fs without contact", machine_id, self._machine_ttl)
+                if presence.sender is not None:
+                    # A stream that stays silent is dead; ending it makes a live agent reconnect.
+                    presence.sender(None)
                 del self.machines[machine_id]
                 continue
             live[machine_id] = Machine(id=machine_id, ip=presence.info.ip, metadata=dict(presence.info.metadata))
@@ -229,12 +235,7 @@ class Engine:
         if not self._leadership.is_held():
             raise LeadershipLost("leadership lease expired before the reconcile pass")
 
-        machines = self._live_machines()
-        pinned = self._pinned_units()
-        units = {name: unit for name, unit in self.units.items() if name not in pinned}
-        schedule = {name: machine for name, machine in self.schedule.items() if name not in pinned}
-        result = plan(units, machines, schedule)
-
+        result, pinned = self._plan()
         await self._persist(result, pinned)
         self.last_plan = result
         self._push_to_agents()
@@ -242,8 +243,16 @@ class Engine:
         if result.changes or result.unplaceable:
             log.info("reconcile: %s", summarize(result))
         else:
-            log.debug("reconcile: no changes (%d units, %d machines)", len(self.units), len(machines))
+            log.debug("reconcile: no changes (%d units, %d machines)", len(self.units), len(self.machines))
         return result
+
+    def _plan(self) -> tuple[Plan, set[str]]:
+        """Plan over the live machines, leaving units on machines still in their reconnect grace alone."""
+        machines = self._live_machines()
+        pinned = self._pinned_units()
+        units = {name: unit for name, unit in self.units.items() if name not in pinned}
+        schedule = {name: machine for name, machine in self.schedule.items() if name not in pinned}
+        return plan(units, machines, schedule), pinned
 
     async def _persist(self, result: Plan, pinned: set[str]) -> None:
         fence = self._leadership.fence

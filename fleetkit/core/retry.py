@@ -1,9 +1,9 @@
 """Retrying with exponential backoff.
 
-One policy object (`Backoff`) says how long to wait between attempts; one
-stateful helper (`Attempts`) counts failures and sleeps; `retry()` runs an
-operation until it succeeds, the error is not retryable, or the overall
-deadline has passed. The clock, the sleep function and the random source are
+`Backoff` is the policy that computes the wait between attempts. `Attempts`
+counts consecutive failures and sleeps accordingly. `retry()` runs an
+operation until it succeeds, fails with an error that is not retryable, or
+the overall deadline has passed. The clock, the sleep function and the random source are
 injectable so that tests run without real waiting.
 """
 

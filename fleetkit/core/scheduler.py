@@ -222,6 +222,7 @@ class _Cluster:
     def __init__(self, units: Mapping[str, Unit], machines: Mapping[str, Machine]):
         self.units = units
         self.index = _PatternIndex(units)
+        self.replace_group = _replace_groups(units, self.index)
         self.slots = {mid: _Slot(machines[mid], mid) for mid in sorted(machines)}
         self.where: dict[str, str] = {}  # non-global unit -> machine id
         self.global_on: dict[str, list[str]] = {}  # global unit -> machine ids
@@ -251,6 +252,9 @@ class _Cluster:
             _discard(slot.replace_owners, pattern, name)
 
     def replaces(self, a: str, b: str) -> bool:
+        """Whether `a` displaces `b`: a Replaces pattern matches and no cycle links them."""
+        if a == b or self.replace_group.get(a, a) == self.replace_group.get(b, b):
+            return False
         return any(self.index.matches(b, p) for p in self.units[a].options.replaces)
 
     def blocker(self, name: str, machine_id: str) -> str | None:
@@ -267,7 +271,7 @@ class _Cluster:
                 return f"conflicts with {other} on {machine_id}"
         for pattern in matching:
             for owner in slot.replace_owners.get(pattern, ()):
-                if owner != name and not self.replaces(name, owner):
+                if self.replaces(owner, name):
                     return f"replaced by {owner} on {machine_id}"
         return None
 
@@ -276,8 +280,8 @@ class _Cluster:
         slot, found = self.slots[machine_id], []
         for pattern in self.units[name].options.replaces:
             for other in slot.hits.get(pattern, ()):
-                if other == name or other in found or self.replaces(other, name):
-                    continue  # replacing each other is circular: both stay
+                if other in found or not self.replaces(name, other):
+                    continue
                 if self.units[other].options.is_global:
                     return [], f"would replace global unit {other} on {machine_id}, which cannot move"
                 found.append(other)
@@ -290,6 +294,53 @@ class _Cluster:
             if _metadata_ok(required, slot.metadata) and self.blocker(name, machine_id) is None:
                 self.add(name, machine_id)
         return list(self.global_on.get(name, []))
+
+
+def _replace_groups(units: Mapping[str, Unit], index: _PatternIndex) -> dict[str, str]:
+    """A representative for each unit in the graph of Replaces matches.
+
+    Units with the same representative are on a cycle (a strongly connected
+    component); Replaces between them is circular and ignored, which keeps the
+    relation acyclic so that displacements always come to an end.
+    """
+    owners: dict[str, list[str]] = {}
+    for name, unit in units.items():
+        for pattern in unit.options.replaces:
+            owners.setdefault(pattern, []).append(name)
+    edges: dict[str, list[str]] = {}
+    reverse: dict[str, list[str]] = {}
+    for name in units if owners else ():
+        for pattern in index.matching(name):
+            for owner in owners.get(pattern, ()):
+                if owner != name:
+                    edges.setdefault(owner, []).append(name)
+                    reverse.setdefault(name, []).append(owner)
+
+    finished: list[str] = []  # Kosaraju: depth-first finish order, then the reversed graph
+    seen: set[str] = set()
+    for root in edges:
+        if root in seen:
+            continue
+        seen.add(root)
+        stack = [(root, iter(edges[root]))]
+        while stack:
+            node, successors = stack[-1]
+            successor = next(successors, None)
+            if successor is None:
+                finished.append(stack.pop()[0])
+            elif successor not in seen:
+                seen.add(successor)
+                stack.append((successor, iter(edges.get(successor, ()))))
+    group: dict[str, str] = {}
+    for root in reversed(finished):
+        if root not in group:
+            group[root], todo = root, [root]
+            while todo:
+                for predecessor in reverse.get(todo.pop(), ()):
+                    if predecessor not in group:
+                        group[predecessor] = root
+                        todo.append(predecessor)
+    return group
 
 
 def _placement_order(wanted: Mapping[str, Unit]) -> tuple[list[str], dict[str, str]]:
@@ -349,7 +400,8 @@ class _Planner:
         self.left: dict[str, str] = {}  # unit -> why it left its machine in the input schedule
         self.placed_by: dict[str, str] = {}  # unit -> how its new machine was chosen
         self.unplaceable: dict[str, str] = {}
-        self.displaced: set[str] = set()  # units moved by Replaces in this pass (at most once each)
+        self.displacements = 0  # units moved by Replaces in this pass, capped as a safety net
+        self.max_displacements = 4 * len(self.wanted) + 16
         self.queue: deque[str] = deque()
         self.pending: set[str] = set()
         self._ids: dict[str, list[str]] = {}
@@ -396,8 +448,8 @@ class _Planner:
             if reason is not None:
                 self.left[name] = reason
                 continue
+            self.displacements += len(victims)
             for victim in victims:
-                self.displaced.add(victim)
                 self._evict(victim, f"replaced by {name} on {machine_id}")
             self.cluster.add(name, machine_id)
 
@@ -444,8 +496,8 @@ class _Planner:
             if machine_id is None:
                 self.unplaceable[name] = reason
                 continue
+            self.displacements += len(victims)
             for victim in victims:
-                self.displaced.add(victim)
                 self._enqueue(self._evict(victim, f"replaced by {name} on {machine_id}"))
             self.cluster.add(name, machine_id)
             self.placed_by[name] = reason
@@ -517,9 +569,8 @@ class _Planner:
             victims: list[str] = []
             if reason is None:
                 victims, reason = self.cluster.victims(name, machine_id)
-            again = [v for v in victims if v in self.displaced]
-            if reason is None and again:
-                reason = f"would displace {again[0]} on {machine_id}, already moved in this pass"
+            if victims and self.displacements + len(victims) > self.max_displacements:
+                reason = f"would displace {victims[0]} on {machine_id}; this pass displaced enough"
             if reason is not None:
                 blocked.append(reason)
             else:

@@ -1,10 +1,10 @@
 """Following a key prefix: one snapshot, then every change, forever.
 
-`follow()` turns the storage contract's list + watch pair into one stream
-that consumers can trust: it starts with a `Snapshot`, continues with event
-batches, and starts over with a fresh snapshot whenever the store has
-discarded the history it would need (compaction). `Mirror` applies that
-stream to a dict.
+`follow()` turns the storage contract's list and watch calls into one stream.
+The stream starts with a `Snapshot` and continues with event batches. When
+the store has discarded the history that the watch needs (compaction), the
+stream starts over with a fresh snapshot. `Mirror` applies the stream to a
+dict.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ async def follow(storage: Storage, prefix: str, *, backoff: Backoff | None = Non
 
     After a `CompactedError`, and after `StorageUnavailable` from a backend
     whose watch does not resume by itself, the prefix is listed again and a
-    new `Snapshot` is yielded; consumers must treat each snapshot as
-    replacing everything they knew. The iterator ends when the storage's
-    watch ends, which happens when the storage is closed.
+    new `Snapshot` is yielded. Consumers must treat each snapshot as replacing
+    all earlier state. The iterator ends when the storage's watch ends, which
+    happens when the storage is closed.
     """
     while True:
         items, revision = await _list_until_available(storage, prefix, backoff)

@@ -58,11 +58,8 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.max_receive_message_length": 256 * 1024 * 1024,
 }
 
-_UNAVAILABLE_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-}
+_CREDENTIAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
+_UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +112,7 @@ def _range_end(prefix: bytes) -> bytes:
 def _failure_reason(error: BaseException, timeout: float) -> str:
     """Return a short human reason for a failed call, such as "connection refused"."""
     if isinstance(error, TimeoutError):
-        return f"no answer within {timeout:g}s"
+        return f"timed out after {timeout:g}s"
     if isinstance(error, asyncio.CancelledError):
         return "connection closed"
     if isinstance(error, grpc.aio.AioRpcError):
@@ -123,13 +120,17 @@ def _failure_reason(error: BaseException, timeout: float) -> str:
         if "refused" in details.lower():
             return "connection refused"
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return f"no answer within {timeout:g}s"
+            return f"timed out after {timeout:g}s"
         return f"{error.code().name.lower()}: {details}" if details else error.code().name.lower()
     return str(error) or type(error).__name__
 
 
 def _lost_stream(error: BaseException) -> bool:
-    """Tell a grpc stream cancelled under us from a cancellation of our own task."""
+    """Return True unless `error` is a cancellation of the current task itself.
+
+    grpc raises CancelledError from a call whose channel was closed, which must
+    not be mistaken for the task being cancelled.
+    """
     if not isinstance(error, asyncio.CancelledError):
         return True
     task = asyncio.current_task()
@@ -158,12 +159,7 @@ class Etcd3Storage(Storage):
     """
 
     name = "etcd3"
-    capabilities = Capabilities(
-        linearizable_writes=True,
-        native_watch=True,
-        lease_ttl=True,
-        multi_key_transactions=True,
-    )
+    capabilities = Capabilities(linearizable_writes=True, native_watch=True, lease_ttl=True, multi_key_transactions=True)
 
     def __init__(
         self,
@@ -217,7 +213,7 @@ class Etcd3Storage(Storage):
             call.cancel()
         if self._current is not None:
             connection, self._current = self._current, None
-            await self._close_connection(connection)
+            await self._close_client(connection.client)
 
     async def _connection(self) -> _Connection:
         if self._closed.is_set():
@@ -231,29 +227,30 @@ class Etcd3Storage(Storage):
             return self._current
 
     async def _dial(self) -> _Connection:
-        """Connect to the first endpoint that answers, trying each once in order."""
+        """Connect to the first endpoint that responds, trying each once in order."""
         count = len(self.endpoints)
         reasons: list[str] = []
         for offset in range(count):
             index = (self._next_index + offset) % count
             endpoint = self.endpoints[index]
-            client = aetcd.Client(
-                endpoint.host,
-                endpoint.port,
-                username=endpoint.username,
-                password=endpoint.password,
-                timeout=self.request_timeout,
-                options=dict(_CHANNEL_OPTIONS),
-            )
+            client = aetcd.Client(endpoint.host, endpoint.port, username=endpoint.username, password=endpoint.password,
+                                  timeout=self.request_timeout, options=dict(_CHANNEL_OPTIONS))
             try:
                 async with asyncio.timeout(self.dial_timeout):
                     await client.connect()
                     connection = _Connection(endpoint, index, client)
                     await connection.maintenance.Status(rpc.StatusRequest(), metadata=connection.metadata)
             except (grpc.aio.AioRpcError, aetcd.ClientError, TimeoutError, OSError) as error:
-                reason = _failure_reason(error.__cause__ or error, self.dial_timeout)
+                cause = error.__cause__ or error
+                reason = _failure_reason(cause, self.dial_timeout)
+                if isinstance(cause, grpc.aio.AioRpcError) and cause.code() in _CREDENTIAL_CODES:
+                    await self._close_client(client)
+                    raise StorageError(
+                        f"etcd at {endpoint.url} rejected the credentials ({reason}); "
+                        "check the user and password in [storage] endpoints"
+                    ) from error
                 reasons.append(reason if count == 1 else f"{endpoint.url}: {reason}")
-                log.debug("etcd endpoint %s did not answer: %s", endpoint.url, reason)
+                log.debug("etcd endpoint %s failed to respond: %s", endpoint.url, reason)
                 await self._close_client(client)
                 last_error = error
                 continue
@@ -273,12 +270,9 @@ class Etcd3Storage(Storage):
             self._next_index = (connection.index + 1) % len(self.endpoints)
             # Closing cancels the other calls still open on this channel, and
             # they fail over to the new connection as well.
-            task = asyncio.get_running_loop().create_task(self._close_connection(connection))
+            task = asyncio.get_running_loop().create_task(self._close_client(connection.client))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-
-    async def _close_connection(self, connection: _Connection) -> None:
-        await self._close_client(connection.client)
 
     @staticmethod
     async def _close_client(client: aetcd.Client) -> None:
@@ -303,7 +297,10 @@ class Etcd3Storage(Storage):
     def _translate(self, error: BaseException, action: str, connection: _Connection) -> StorageError:
         reason = _failure_reason(error, self.request_timeout)
         code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
-        if code is None or code in _UNAVAILABLE_CODES:
+        # etcd's auth tokens expire (after 5 minutes by default), and dialing
+        # again authenticates again.
+        expired_token = "invalid auth token" in (error.details() or "") if code else False
+        if code is None or code in _UNAVAILABLE_CODES or expired_token:
             self._discard(connection)
             return StorageUnavailable(
                 f"etcd {action} failed at {connection.endpoint.url} ({reason}); "
@@ -348,6 +345,7 @@ class Etcd3Storage(Storage):
     # -- writes ------------------------------------------------------------------
 
     def _compare(self, key: str, target: str, revision: int) -> Any:
+        """Build "the create (or mod) revision of `key` equals `revision`"; absent keys have 0."""
         if target == "create":
             return rpc.Compare(key=self._full(key), result=rpc.Compare.EQUAL,
                                target=rpc.Compare.CREATE, create_revision=revision)
@@ -362,62 +360,49 @@ class Etcd3Storage(Storage):
         async with self._request(action) as connection:
             return await connection.kv.Txn(request, metadata=connection.metadata)
 
-    def _fence_broken(self, fence: Fence, response: Any, index: int = 0) -> FencingError | None:
-        """Return a FencingError when the failure branch shows `fence` no longer holds."""
-        kvs = response.responses[index].response_range.kvs
+    async def _fenced_txn(self, action: str, operation: Any, fence: Fence | None, compares: list[Any]) -> Any:
+        """Run `operation` in a transaction guarded by `fence` and `compares`.
+
+        Raises `FencingError` when the comparison failed because of the fence;
+        other failed comparisons come back as an unsucceeded response.
+        """
+        guards = [self._compare(fence.key, "create", fence.create_revision)] if fence else []
+        failure = [self._read_op(fence.key)] if fence else []
+        response = await self._txn(action, guards + compares, [operation], failure)
+        if response.succeeded or fence is None:
+            return response
+        kvs = response.responses[0].response_range.kvs
         current = kvs[0].create_revision if kvs else 0
-        if current == fence.create_revision:
-            return None
-        now = f"was re-created at revision {current}" if current else "no longer exists"
-        return FencingError(
-            f"write rejected: fence key {fence.key!r} created at revision {fence.create_revision} {now}, "
-            "so this process is no longer the leader; stop writing and campaign again"
-        )
+        if current != fence.create_revision:
+            now = f"was re-created at revision {current}" if current else "no longer exists"
+            raise FencingError(
+                f"{action} rejected: fence key {fence.key!r} created at revision {fence.create_revision} {now}, "
+                "so this process is no longer the leader; stop writing and campaign again"
+            )
+        return response
+
+    def _put_op(self, key: str, value: bytes, lease: int) -> Any:
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=self._full(key), value=value, lease=lease))
 
     async def put(self, key: str, value: bytes, *, lease: int = 0, fence: Fence | None = None) -> int:
-        compares = [self._compare(fence.key, "create", fence.create_revision)] if fence else []
-        write = rpc.RequestOp(request_put=rpc.PutRequest(key=self._full(key), value=value, lease=lease))
-        failure = [self._read_op(fence.key)] if fence else []
-        response = await self._txn(f"put {key!r}", compares, [write], failure)
+        response = await self._fenced_txn(f"put {key!r}", self._put_op(key, value, lease), fence, [])
         if not response.succeeded:
-            assert fence is not None  # only the fence can make an unconditional put fail
-            raise self._fence_broken(fence, response) or FencingError(
-                f"put {key!r} rejected by fence {fence.key!r}; stop writing and campaign again"
-            )
+            # Unreachable: without other comparisons only the fence can fail,
+            # and the fence check above raised.
+            raise FencingError(f"put {key!r} rejected by fence {fence!r}; stop writing and campaign again")
         return response.header.revision
 
-    async def compare_and_swap(
-        self,
-        key: str,
-        value: bytes,
-        *,
-        expected_revision: int,
-        lease: int = 0,
-        fence: Fence | None = None,
-    ) -> int | None:
-        compares = [self._compare(fence.key, "create", fence.create_revision)] if fence else []
-        compares.append(self._compare(key, "mod", expected_revision))
-        write = rpc.RequestOp(request_put=rpc.PutRequest(key=self._full(key), value=value, lease=lease))
-        failure = [self._read_op(fence.key)] if fence else []
-        response = await self._txn(f"compare-and-swap {key!r}", compares, [write], failure)
-        if response.succeeded:
-            return response.header.revision
-        if fence is not None and (error := self._fence_broken(fence, response)):
-            raise error
-        return None
+    async def compare_and_swap(self, key: str, value: bytes, *, expected_revision: int, lease: int = 0,
+                               fence: Fence | None = None) -> int | None:
+        compares = [self._compare(key, "mod", expected_revision)]
+        response = await self._fenced_txn(f"compare-and-swap {key!r}", self._put_op(key, value, lease), fence, compares)
+        return response.header.revision if response.succeeded else None
 
     async def delete(self, key: str, *, expected_revision: int | None = None, fence: Fence | None = None) -> bool:
-        compares = [self._compare(fence.key, "create", fence.create_revision)] if fence else []
-        if expected_revision is not None:
-            compares.append(self._compare(key, "mod", expected_revision))
+        compares = [] if expected_revision is None else [self._compare(key, "mod", expected_revision)]
         remove = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._full(key)))
-        failure = [self._read_op(fence.key)] if fence else []
-        response = await self._txn(f"delete {key!r}", compares, [remove], failure)
-        if response.succeeded:
-            return response.responses[0].response_delete_range.deleted > 0
-        if fence is not None and (error := self._fence_broken(fence, response)):
-            raise error
-        return False
+        response = await self._fenced_txn(f"delete {key!r}", remove, fence, compares)
+        return response.succeeded and response.responses[0].response_delete_range.deleted > 0
 
     # -- leases ------------------------------------------------------------------
 
@@ -475,6 +460,8 @@ class Etcd3Storage(Storage):
                 connection = await self._connection()
                 call = await self._open_watch(connection, prefix, full, next_revision)
             except StorageUnavailable as error:
+                if self._closed.is_set():
+                    return
                 if outage is None:
                     log.warning("watch of %r lost etcd, retrying with backoff: %s", prefix, error)
                 outage = str(error)

@@ -104,7 +104,8 @@ class AgentTransportServicer(pb_grpc.AgentTransportServicer):
 
         info = machine_from_pb(first.hello.machine)
         queue: asyncio.Queue = asyncio.Queue()
-        await engine.attach_agent(info, [state_from_pb(state) for state in first.hello.states], queue.put_nowait)
+        sender = queue.put_nowait
+        await engine.attach_agent(info, [state_from_pb(state) for state in first.hello.states], sender)
         try:
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(context, engine, info.id))
@@ -114,7 +115,7 @@ class AgentTransportServicer(pb_grpc.AgentTransportServicer):
                 for task in (reader, writer, gone):
                     task.cancel()
         finally:
-            engine.detach_agent(info.id, queue.put_nowait)
+            engine.detach_agent(info.id, sender)
 
     @staticmethod
     async def _read(context, engine, machine_id: str) -> None:
@@ -135,6 +136,8 @@ class AgentTransportServicer(pb_grpc.AgentTransportServicer):
     async def _write(context, queue: asyncio.Queue) -> None:
         while True:
             message = await queue.get()
+            if message is None:
+                return
             await context.write(engine_message_to_pb(message))
 
     async def GetClusterState(self, request, context):  # noqa: N802 - gRPC method name
@@ -187,11 +190,14 @@ class GrpcTransport(Transport):
                 address = await self._leader_address()
                 await self._session(agent, address)
                 delay = BACKOFF_INITIAL
-            except (TransportError, StorageError, grpc.aio.AioRpcError) as error:
+            except (TransportError, StorageError, grpc.aio.AioRpcError, TimeoutError) as error:
                 message = _describe(error)
                 if message != last_error:
                     log.warning("agent is not connected to the leader: %s; retrying", message)
                     last_error = message
+            except Exception:
+                log.exception("agent session failed unexpectedly; retrying")
+                last_error = ""
             delay = min(BACKOFF_MAX, delay * 2)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
@@ -218,9 +224,13 @@ class GrpcTransport(Transport):
             agent.apply(engine_message_from_pb(first))
             log.info("agent connected to the leader at %s", address)
 
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._receive(call, agent, address))
-                group.create_task(self._send(call, agent, heartbeat_interval))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._receive(call, agent, address))
+                    group.create_task(self._send(call, agent, heartbeat_interval))
+            except ExceptionGroup as group:
+                # Either task ending ends the session; report its error, not the group.
+                raise _first_error(group) from None
 
     @staticmethod
     async def _receive(call, agent: Agent, address: str) -> None:
@@ -245,7 +255,16 @@ class GrpcTransport(Transport):
             await call.write(pb.AgentMessage(states=update))
 
 
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def _describe(error: Exception) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
         return f"{error.code().name}: {error.details()}"
+    if isinstance(error, TimeoutError):
+        return "the leader did not send a snapshot in time"
     return str(error)

@@ -13,7 +13,7 @@ Design, for speed at thousands of units:
   matched by job object path.
 * Status changes come from one ``PropertiesChanged`` match rule covering every
   unit object path, so nothing polls. On ``UnitRemoved`` the status streams
-  only forget a unit that systemd unloaded; ``JobRemoved`` carries job
+  only forget a unit that systemd unloaded. ``JobRemoved`` carries job
   results and no state, so it feeds `start` and `stop` only.
 
 Time budget: each D-Bus call is bounded by `call_timeout` (30 s by default)
@@ -292,9 +292,10 @@ class SystemdRuntime(Runtime):
         """Start the units concurrently and return each one's job result.
 
         Results are systemd's (``done``, ``failed``, ``canceled``,
-        ``dependency``, ``skipped`` ...), or ``timeout`` when the job did not
-        finish within `job_timeout`, or ``rejected`` when systemd refused the
-        call (for example an unknown unit); the log has systemd's message.
+        ``dependency``, ``skipped`` ...) or fleetkit's own. ``timeout`` means
+        the job did not finish within `job_timeout`. ``rejected`` means systemd
+        rejected the call, for example for an unknown unit, and the log has
+        systemd's message.
         """
         return await self._run_jobs("StartUnit", names)
 

@@ -5,10 +5,10 @@ peer ports and its own data directory. It can be stopped, killed with
 SIGKILL, paused and restarted on the same ports and data, which is what the
 reconnect and fencing tests need. It only ever signals the process it started.
 
-Fixtures: `etcd_server` is one server shared by a whole test session;
-`etcd_storage` is a connected `Etcd3Storage` on it under a key prefix unique
-to the test; `etcd_factory` builds servers owned by one test, for tests that
-kill or pause etcd. Load them with
+Fixtures: `etcd_server` is one server shared by a whole test session.
+`etcd_storage` is a connected `Etcd3Storage` on that server, under a key
+prefix unique to the test. `etcd_factory` builds servers owned by one test,
+for tests that kill or pause etcd. Load them with
 ``pytest_plugins = ["fleetkit.testing.etcd"]`` in a conftest, or import the
 fixture names into a test module.
 """
@@ -170,7 +170,7 @@ class EtcdServer:
         self._process = None
 
     def pause(self) -> None:
-        """Freeze etcd with SIGSTOP; connections stay open but nothing answers."""
+        """Freeze etcd with SIGSTOP, so connections stay open but requests time out."""
         if self.running:
             os.kill(self._process.pid, signal.SIGSTOP)
 
@@ -193,7 +193,7 @@ class EtcdServer:
 
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
-    """One etcd shared by the session; do not stop or kill it in a test."""
+    """Start one etcd for the whole session; tests must not stop or kill it."""
     if find_etcd_binary() is None:
         pytest.skip(f"etcd executable not found; install etcd or set {ETCD_BINARY_ENV}")
     with tempfile.TemporaryDirectory(prefix="fleetkit-etcd-") as tmp:
@@ -227,7 +227,7 @@ def etcd_factory(tmp_path: Path) -> Iterator[Callable[[], EtcdServer]]:
 
 @pytest_asyncio.fixture
 async def etcd_storage(etcd_server: EtcdServer) -> AsyncIterator[Etcd3Storage]:
-    """A connected `Etcd3Storage` on the shared server, under a prefix unique to this test."""
+    """Connect an `Etcd3Storage` to the shared server, under a prefix unique to this test."""
     storage = Etcd3Storage([etcd_server.client_url], prefix=f"/fleetkit-test/{uuid.uuid4().hex}/")
     await storage.connect()
     try:
