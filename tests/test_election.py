@@ -14,7 +14,6 @@ import pytest
 from fleetkit.core.election import Election, LeaderRecord, read_leader, watch_leader
 from fleetkit.core.errors import FencingError, StorageError
 from fleetkit.plugins.etcd3 import Etcd3Storage
-from fleetkit.testing.etcd import etcd_factory, etcd_server, etcd_storage  # noqa: F401
 
 TTL = 2.0  # etcd 3.4 raises shorter lease TTLs to 2 s with default settings
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from fleetkit.core.errors import (
 from fleetkit.core.retry import Backoff, retry
 from fleetkit.core.storage import EventType, Fence
 from fleetkit.plugins.etcd3 import Etcd3Storage, parse_endpoint
-from fleetkit.testing.etcd import etcd_factory, etcd_server, etcd_storage, free_port  # noqa: F401
+from fleetkit.testing.etcd import free_port
 
 
 async def compact(url: str, revision: int) -> None:

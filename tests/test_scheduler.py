@@ -1,7 +1,8 @@
 import dataclasses
 import random
+import re
 from collections import Counter
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 
 import pytest
 
@@ -28,6 +29,11 @@ def machines(*ids, **metadata):
     return found
 
 
+def _matching(pattern, names):
+    match = re.compile(translate(pattern)).match
+    return {name for name in names if match(name)}
+
+
 def assert_valid(result: Plan, units, present):
     """Every constraint holds in `result`, and planning again changes nothing."""
     on = {m: set() for m in present}
@@ -47,10 +53,11 @@ def assert_valid(result: Plan, units, present):
                 assert machine_id.startswith(options.machine_id)
             for peer in options.machine_of:
                 assert peer in names, (name, peer, machine_id)
-            for other in names - {name}:
-                assert not any(fnmatchcase(other, p) for p in options.conflicts), (name, other)
-                mutual = any(fnmatchcase(name, p) for p in units[other].options.replaces)
-                assert mutual or not any(fnmatchcase(other, p) for p in options.replaces)
+            for pattern in options.conflicts:
+                assert _matching(pattern, names) <= {name}, (name, pattern, machine_id)
+            for pattern in options.replaces:
+                for other in _matching(pattern, names) - {name}:
+                    assert any(fnmatchcase(name, p) for p in units[other].options.replaces)
     again = plan(units, present, result.schedule)
     assert again.changes == []
     assert again.schedule == result.schedule
@@ -422,11 +429,15 @@ def test_plan_globals_conflicting_with_each_other_first_by_name_wins():
 
 def test_global_targets_checks_metadata_and_conflicts_with_placed_units():
     mon = unit("mon.service", "Global=true", "MachineMetadata=role=web", "Conflicts=legacy*")
-    present = machines("m1", "m2", "m3", m1="role=web", m2="role=web")
-    placed = {"m1": [unit("legacy.service")], "m2": [unit("app.service")]}
+    present = machines("m1", "m2", "m3", "m4", m1="role=web", m2="role=web", m4="role=web")
+    placed = {
+        "m1": [unit("legacy.service")],
+        "m2": (u for u in [unit("app.service")]),
+        "m4": [unit("strict.service", "Conflicts=mon*")],
+    }
 
     assert global_targets(mon, present, placed) == ["m2"]
-    assert global_targets(mon, present, {}) == ["m1", "m2"]
+    assert global_targets(mon, present, {}) == ["m1", "m2", "m4"]
 
 
 def test_global_targets_rejects_non_global_unit():
@@ -653,4 +664,4 @@ def test_summarize_truncates_long_lists():
 def test_summarize_without_changes():
     units = by_name(unit("a.service"))
 
-    assert summarize(plan(units, machines("m1"), {"a.service": "m1"})) == "no changes; 1 units scheduled"
+    assert summarize(plan(units, machines("m1"), {"a.service": "m1"})) == "no changes; 1 unit scheduled"

@@ -10,7 +10,6 @@ from fleetkit.core.retry import Backoff
 from fleetkit.core.storage import EventType, KeyValue, WatchEvent
 from fleetkit.core.watching import Mirror, Snapshot, follow
 from fleetkit.plugins.etcd3 import Etcd3Storage
-from fleetkit.testing.etcd import etcd_factory, etcd_server, etcd_storage  # noqa: F401
 
 
 async def compact(url: str, revision: int) -> None:

@@ -54,7 +54,8 @@ class ControlServicer(pb_grpc.ControlServicer):
             try:
                 outcome = await self._prepare(source, stored, desired_state, request.replace)
             except UnitError as error:
-                problems.append(f"{source.name}: {error}")
+                message = str(error)
+                problems.append(message if message.startswith(source.name) else f"{source.name}: {message}")
                 continue
             if isinstance(outcome, pb.UnitResult):
                 results.append(outcome)

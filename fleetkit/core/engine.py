@@ -240,10 +240,7 @@ class Engine:
         self.last_plan = result
         self._push_to_agents()
 
-        if result.changes or result.unplaceable:
-            log.info("reconcile: %s", summarize(result))
-        else:
-            log.debug("reconcile: no changes (%d units, %d machines)", len(self.units), len(self.machines))
+        log.info("reconcile: %s", summarize(result))
         return result
 
     def _plan(self) -> tuple[Plan, set[str]]:

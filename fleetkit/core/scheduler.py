@@ -3,7 +3,7 @@
 `plan` takes the units, the machines that are present and the current schedule,
 and returns the complete new schedule with the list of changes. It does no I/O
 and keeps no state between calls, so the engine can run it on every reconcile
-pass; the same input always gives the same plan.
+pass. The same input always gives the same plan.
 
 One pass works in four steps:
 
@@ -62,7 +62,7 @@ class Decision:
 class Plan:
     """The result of one scheduling pass.
 
-    `schedule` holds every non-global unit that has a machine; `changes` what
+    `schedule` contains every non-global unit that has a machine; `changes` what
     differs from the input schedule, sorted by unit name; `unplaceable` the
     units that should run but fit no machine, with the reason; and
     `global_machines` the machines each active global unit applies on.
@@ -90,7 +90,7 @@ def plan(
 def global_targets(
     unit: Unit, machines: Mapping[str, Machine], placed: Mapping[str, Iterable[Unit]]
 ) -> list[str]:
-    """The machine ids, sorted, on which the global `unit` applies.
+    """Return the machine ids, sorted, on which the global `unit` applies.
 
     `placed` maps a machine id to the units already on it: the non-global units
     scheduled there and the global units accepted there before this one. A
@@ -100,6 +100,7 @@ def global_targets(
         raise ValueError(f"{unit.name} is not a global unit; only Global=true units apply this way")
     if unit.unit_name.is_template or unit.desired_state == INACTIVE:
         return []
+    placed = {machine_id: list(units) for machine_id, units in placed.items()}
     universe = {u.name: u for units in placed.values() for u in units}
     universe[unit.name] = unit
     cluster = _Cluster(universe, machines)
@@ -112,12 +113,13 @@ def global_targets(
 
 
 def summarize(result: Plan) -> str:
-    """One line for the engine's INFO log: counts, then the first changes."""
+    """Describe `result` in one line for the engine's INFO log: counts, then the first changes."""
     moved = sum(1 for d in result.changes if d.old_machine and d.new_machine)
     added = sum(1 for d in result.changes if d.old_machine is None)
     removed = sum(1 for d in result.changes if d.new_machine is None)
     if not result.changes and not result.unplaceable:
-        return f"no changes; {len(result.schedule)} units scheduled"
+        count = len(result.schedule)
+        return f"no changes; {count} unit{'' if count == 1 else 's'} scheduled"
     items = [
         f"{d.unit} {d.old_machine + ' ' if d.old_machine else ''}-> {d.new_machine or 'none'}"
         f" ({d.reason})"
@@ -217,7 +219,7 @@ def _first_other(names: Iterable[str], name: str) -> str | None:
 
 
 class _Cluster:
-    """Which units are on which machine, with the checks that depend on it."""
+    """The placement of units on machines during a pass, with the checks that depend on it."""
 
     def __init__(self, units: Mapping[str, Unit], machines: Mapping[str, Machine]):
         self.units = units
@@ -252,7 +254,7 @@ class _Cluster:
             _discard(slot.replace_owners, pattern, name)
 
     def replaces(self, a: str, b: str) -> bool:
-        """Whether `a` displaces `b`: a Replaces pattern matches and no cycle links them."""
+        """Return whether `a` displaces `b`: a Replaces pattern matches and no cycle links them."""
         if a == b or self.replace_group.get(a, a) == self.replace_group.get(b, b):
             return False
         return any(self.index.matches(b, p) for p in self.units[a].options.replaces)
@@ -276,7 +278,7 @@ class _Cluster:
         return None
 
     def victims(self, name: str, machine_id: str) -> tuple[list[str], str | None]:
-        """The units `name` would displace on `machine_id`, or why it may not."""
+        """Return the units `name` would displace on `machine_id`, or why it may not."""
         slot, found = self.slots[machine_id], []
         for pattern in self.units[name].options.replaces:
             for other in slot.hits.get(pattern, ()):
@@ -297,7 +299,7 @@ class _Cluster:
 
 
 def _replace_groups(units: Mapping[str, Unit], index: _PatternIndex) -> dict[str, str]:
-    """A representative for each unit in the graph of Replaces matches.
+    """Map each unit in the graph of Replaces matches to a representative unit.
 
     Units with the same representative are on a cycle (a strongly connected
     component); Replaces between them is circular and ignored, which keeps the
@@ -344,7 +346,7 @@ def _replace_groups(units: Mapping[str, Unit], index: _PatternIndex) -> dict[str
 
 
 def _placement_order(wanted: Mapping[str, Unit]) -> tuple[list[str], dict[str, str]]:
-    """Names sorted, each after its MachineOf peers; and the units caught in a cycle."""
+    """Sort the names, each after its MachineOf peers, and find the units caught in a cycle."""
 
     def peers(name: str) -> Iterable[str]:
         return iter(sorted(p for p in wanted[name].options.machine_of if p in wanted))
@@ -483,6 +485,8 @@ class _Planner:
                     break
 
     def _place(self, order: list[str]) -> None:
+        # NOTE: a unit found unplaceable is not retried when a later displacement
+        # frees a machine in the same pass; the next pass places it.
         self.queue.extend(n for n in order if n not in self.cluster.where and n not in self.unplaceable)
         self.pending.update(self.queue)
         while self.queue:
@@ -570,7 +574,10 @@ class _Planner:
             if reason is None:
                 victims, reason = self.cluster.victims(name, machine_id)
             if victims and self.displacements + len(victims) > self.max_displacements:
-                reason = f"would displace {victims[0]} on {machine_id}; this pass displaced enough"
+                reason = (
+                    f"would displace {victims[0]} on {machine_id}, but this pass has already "
+                    f"displaced {self.displacements} units"
+                )
             if reason is not None:
                 blocked.append(reason)
             else:
@@ -614,7 +621,7 @@ class _Planner:
         return None
 
     def _resolve(self, machine_id: str) -> list[str]:
-        """Machine ids that `machine_id` names: itself if present, else those it starts."""
+        """Return the machine ids that `machine_id` names: itself if present, else those it starts."""
         if machine_id not in self._ids:
             if machine_id in self.cluster.slots:
                 self._ids[machine_id] = [machine_id]

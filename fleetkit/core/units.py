@@ -133,7 +133,7 @@ def _validate_name(name: str) -> None:
 
 
 def mangle_unit_name(arg: str) -> str:
-    """The unit name a command-line argument stands for.
+    """Return the unit name that a command-line argument stands for.
 
     The argument is reduced to its base name; ``.service`` is appended unless it
     already ends in a known unit type (so ``app.target`` stays ``app.target``).
@@ -398,12 +398,12 @@ class Unit:
         return self.options.is_global
 
     def with_desired_state(self, desired_state: str) -> Unit:
-        """A copy with another desired state, validated as `make_unit` does."""
+        """Return a copy with another desired state, validated as `make_unit` does."""
         _check_desired_state(self.unit_name, desired_state)
         return replace(self, desired_state=desired_state)
 
     def to_json(self) -> bytes:
-        """The stored record: a JSON object with name, unit_file, hash and desired_state."""
+        """Encode the stored record: a JSON object with name, unit_file, hash and desired_state."""
         record = {
             "name": self.name,
             "unit_file": self.text,

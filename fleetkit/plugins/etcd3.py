@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 2379
 
 # Keepalive pings detect a silently dead connection under a long-lived watch.
-# etcd rejects pings more frequent than --grpc-keepalive-min-time (5 s by
-# default) and pings sent while no call is open, so neither is done here.
+# etcd 3.4 rejects pings more frequent than --grpc-keepalive-min-time (5 s by
+# default) and pings sent while no call is open, so neither is sent here.
 _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
@@ -297,8 +297,8 @@ class Etcd3Storage(Storage):
     def _translate(self, error: BaseException, action: str, connection: _Connection) -> StorageError:
         reason = _failure_reason(error, self.request_timeout)
         code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
-        # etcd's auth tokens expire (after 5 minutes by default), and dialing
-        # again authenticates again.
+        # etcd's auth tokens expire (--auth-token-ttl, 300 s by default in
+        # etcd 3.4), and dialing again authenticates again.
         expired_token = "invalid auth token" in (error.details() or "") if code else False
         if code is None or code in _UNAVAILABLE_CODES or expired_token:
             self._discard(connection)
@@ -363,8 +363,8 @@ class Etcd3Storage(Storage):
     async def _fenced_txn(self, action: str, operation: Any, fence: Fence | None, compares: list[Any]) -> Any:
         """Run `operation` in a transaction guarded by `fence` and `compares`.
 
-        Raises `FencingError` when the comparison failed because of the fence;
-        other failed comparisons come back as an unsucceeded response.
+        Raises `FencingError` when the comparison failed because of the fence.
+        When another comparison failed, the response's `succeeded` is False.
         """
         guards = [self._compare(fence.key, "create", fence.create_revision)] if fence else []
         failure = [self._read_op(fence.key)] if fence else []
