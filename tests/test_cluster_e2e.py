@@ -181,3 +181,51 @@ async def test_etcd_restart_keeps_units_running(cluster_factory, tmp_path):
     assert await wait_until(converged, timeout=60, interval=1), cluster.logs()
     after = await main_pids(cluster, found)
     assert after == before
+
+
+async def test_destroy_then_new_content_runs_new(cluster_factory, tmp_path):
+    cluster = await cluster_factory({"node1": {}})
+    node = cluster.nodes["node1"]
+    path = tmp_path / "swap.service"
+    path.write_text("[Service]\nExecStart=/bin/sleep 1111\n")
+    assert (await cluster.cli("start", str(path))).code == 0
+    first_pid = await node.unit_property("swap.service", "MainPID")
+
+    destroyed = await cluster.cli("destroy", "swap.service")
+    path.write_text("[Service]\nExecStart=/bin/sleep 2222\n")
+    started = await cluster.cli("start", str(path))
+
+    assert destroyed.code == 0, destroyed.stderr
+    assert started.code == 0, started.stderr + cluster.logs()
+    assert "2222" in await node.unit_property("swap.service", "ExecStart")
+    assert await node.unit_property("swap.service", "MainPID") != first_pid
+
+
+async def test_agent_restart_adopts_units(cluster_factory, tmp_path):
+    cluster = await cluster_factory({"node1": {}, "node2": {}})
+    (tmp_path / "keep@.service").write_text(SLEEPER)
+    arguments = [str(tmp_path / f"keep@{index}.service") for index in range(1, 5)]
+    assert (await cluster.cli("start", *arguments)).code == 0
+    found = await placements(cluster)
+    before = await main_pids(cluster, found)
+    leader = await cluster.leader()
+    follower = "node2" if leader == "node1" else "node1"
+
+    await cluster.nodes[follower].kill()
+    await asyncio.sleep(1)
+    await cluster.nodes[follower].start()
+
+    async def reported():
+        listing = await cluster.cli("list-units", "--output", "json")
+        rows = json.loads(listing.stdout) if listing.code == 0 else []
+        return sum(1 for row in rows if row["machine"] == follower and row["active"] == "active")
+
+    expected = sum(1 for unit, nodes in found.items() if unit.startswith("keep@") and follower in nodes)
+    assert expected > 0, found
+    assert await wait_until(lambda: _equals(reported, expected), timeout=20), cluster.logs()
+    assert await main_pids(cluster, found) == before
+    assert "adopted" in cluster.nodes[follower].log_tail(200)
+
+
+async def _equals(probe, expected) -> bool:
+    return await probe() == expected

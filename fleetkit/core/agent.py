@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable
 
 from fleetkit.core.errors import RuntimeBackendError
+from fleetkit.core.retry import Attempts, Backoff
 from fleetkit.core.runtime import Runtime, UnitStatus
 from fleetkit.core.states import (
     RUNNING_ACTIVE_STATES,
@@ -56,17 +57,39 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect to the runtime, adopt what runs, then converge until cancelled."""
+        """Connect to the runtime, adopt what runs, then converge until cancelled.
+
+        A lost connection to the service manager is retried with backoff;
+        the units keep running meanwhile, and the agent adopts them again.
+        """
+        attempts = Attempts(Backoff(initial=0.5, cap=5.0))
+        while True:
+            try:
+                await self._connect_and_adopt()
+            except RuntimeBackendError as error:
+                if attempts.failures == 0:
+                    log.error("cannot reach the service manager, retrying: %s", error)
+                await self._runtime.close()
+                await attempts.sleep()
+                continue
+            attempts.reset()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._follow_status_changes())
+                    group.create_task(self._resync_loop())
+                    group.create_task(self._converge_loop())
+            except* RuntimeBackendError as group:
+                log.error("lost the connection to the service manager, reconnecting: %s", group.exceptions[0])
+            await self._runtime.close()
+
+    async def _connect_and_adopt(self) -> None:
         await self._runtime.connect()
         self.installed = await self._runtime.installed_units()
         await self._refresh(self.installed)
         log.info("agent on %s adopted %d installed units", self.machine.id, len(self.installed))
         self._adopted.set()
-
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._follow_status_changes())
-            group.create_task(self._resync_loop())
-            group.create_task(self._converge_loop())
+        # Converge again: changes may have arrived while the connection was down.
+        self._dirty.set()
 
     async def wait_adopted(self) -> None:
         await self._adopted.wait()

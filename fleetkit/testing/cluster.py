@@ -159,7 +159,7 @@ class TestCluster:
         for node in self.nodes.values():
             if node.running and node.name != exclude:
                 return node.endpoint
-        raise RuntimeError("no daemon is running")
+        raise RuntimeError("no daemon is running\n" + self.logs())
 
     async def cli(self, *args: str, endpoint: str | None = None, timeout: float = 120.0) -> CliResult:
         """Run the real ``fleetkit`` CLI in a subprocess and return its exit code and output."""
@@ -186,4 +186,4 @@ class TestCluster:
         return found[0].machine if found else ""
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name} ---\n{node.log_tail()}" for name, node in self.nodes.items())
+        return "\n".join(f"--- {name} ---\n{node.log_tail(150)}" for name, node in self.nodes.items())
