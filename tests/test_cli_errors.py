@@ -128,3 +128,17 @@ def test_usage_errors_exit_two():
     assert run_cli("start").returncode == 2
     assert run_cli("no-such-command").returncode == 2
     assert run_cli().returncode == 2
+
+
+async def test_unplaceable_unit_says_why(cluster, tmp_path):
+    path = tmp_path / "nowhere.service"
+    path.write_text(GOOD + "\n[X-Fleet]\nMachineMetadata=role=db\n")
+
+    result = await cluster.cli("start", "--block-timeout", "4", str(path))
+    status = await cluster.cli("status", "nowhere.service")
+
+    assert result.code == 1
+    assert "timed out" in result.stderr
+    assert "cannot be placed" in result.stderr
+    assert "role" in result.stderr
+    assert "cannot be placed" in status.stdout

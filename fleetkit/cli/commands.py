@@ -144,6 +144,8 @@ async def status(client: ControlClient, args) -> int:
         print(f"● {name}" + (f" - {unit.description}" if unit.description else ""))
         print(f"     Desired: {unit.desired_state}   Current: {unit.current_state}")
         print(f"        Hash: {unit.hash}")
+        if unit.unplaceable_reason:
+            print(f"     Problem: cannot be placed: {unit.unplaceable_reason}")
         on_machines = [state for state in states if state.unit == name]
         if not on_machines:
             where = ", ".join(unit.machines) or "no machine"
@@ -195,6 +197,7 @@ async def list_unit_files(client: ControlClient, args) -> int:
         records.append({
             "unit": unit.name, "hash": unit.hash, "desired": unit.desired_state, "state": unit.current_state,
             "global": is_global, "machines": list(unit.machines), "description": unit.description,
+            "unplaceable_reason": unit.unplaceable_reason,
         })
     render(rows, records, fields=fields, output=args.output, legend=not args.no_legend)
     return 0

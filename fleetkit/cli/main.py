@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = sub.add_parser("daemon", help="run the fleetkit daemon on this machine")
     daemon.add_argument("--config", help="path to cluster.toml (default: built-in defaults)")
+    daemon.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="overrides [log] level")
+    daemon.add_argument("--log-format", choices=("text", "json"), help="overrides [log] format")
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
@@ -133,7 +135,7 @@ def _run_daemon(args) -> int:
     from fleetkit.core.daemon import Daemon, run_until_signalled
 
     config = load_config(args.config)
-    logs.configure(config.log.level, config.log.format)
+    logs.configure(args.log_level or config.log.level, args.log_format or config.log.format)
     daemon = Daemon(config)
     asyncio.run(run_until_signalled(daemon))
     return EXIT_OK

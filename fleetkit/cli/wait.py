@@ -35,6 +35,8 @@ def _evaluate(verb: str, record, states_by_machine: dict[str, object], ips: dict
     if not machines:
         if record.desired_state == "inactive":
             return Outcome(name, "failed", f"{name}: desired state is inactive")
+        if record.unplaceable_reason:
+            return Outcome(name, "pending", f"{name}: cannot be placed yet: {record.unplaceable_reason}")
         if getattr(record, "global"):
             return Outcome(name, "pending", f"{name}: global unit applies to no machine yet")
         return Outcome(name, "pending", f"{name}: waiting to be scheduled")

@@ -20,7 +20,7 @@ from fleetkit.core.states import current_state
 from fleetkit.core.storage import Storage
 from fleetkit.core.transport import EngineHost
 from fleetkit.core.units import DESIRED_STATES, Unit, UnitName, instance_from_template, make_unit
-from fleetkit.plugins.grpc_transport import cluster_state_to_pb, state_from_pb
+from fleetkit.plugins.grpc_transport import cluster_state_to_pb, state_from_pb, warn_if_plaintext
 from fleetkit.rpc import control_pb2 as pb
 from fleetkit.rpc import control_pb2_grpc as pb_grpc
 from fleetkit.rpc import transport_pb2, transport_pb2_grpc
@@ -167,6 +167,8 @@ class ControlServicer(pb_grpc.ControlServicer):
                 record.machines.append(schedule[name])
             machine_states = [states.get(machine) for machine in record.machines]
             record.current_state = _combined_current_state(machine_states) if record.machines else "inactive"
+            if cluster is not None and name in cluster.unplaceable:
+                record.unplaceable_reason = cluster.unplaceable[name]
             reply.units.append(record)
         return reply
 
@@ -301,6 +303,7 @@ async def serve_api(listen: str, storage: Storage, host: EngineHost) -> None:
         target = f"unix:{path}"
     else:
         target = listen
+        warn_if_plaintext("api.listen", listen)
     if server.add_insecure_port(target) == 0:
         raise OSError(f"cannot listen on api.listen = {listen!r}; is the address in use?")
     await server.start()

@@ -149,6 +149,8 @@ class AgentTransportServicer(pb_grpc.AgentTransportServicer):
 
 def cluster_state_to_pb(leader: str, engine) -> pb.ClusterState:
     reply = pb.ClusterState(leader=leader)
+    if engine.last_plan is not None:
+        reply.unplaceable.update(engine.last_plan.unplaceable)
     for machine_id, presence in sorted(engine.machines.items()):
         reply.machines.append(pb.MachineState(
             machine=machine_to_pb(presence.info),
@@ -170,7 +172,8 @@ class GrpcTransport(Transport):
         server = grpc.aio.server()
         pb_grpc.add_AgentTransportServicer_to_server(AgentTransportServicer(host), server)
         listen = self.config.transport.listen
-        # NOTE: the agent transport runs without TLS; it belongs on a trusted network or loopback.
+        # NOTE: the agent transport has no TLS yet, so anyone who reaches the port can act as an agent.
+        warn_if_plaintext("transport.listen", listen)
         port = server.add_insecure_port(listen)
         if port == 0:
             raise TransportError(f"cannot listen on transport.listen = {listen!r}; is the port in use?")
@@ -253,6 +256,17 @@ class GrpcTransport(Transport):
                 continue
             update = pb.StateUpdate(changed=[state_to_pb(state) for state in changed], removed=removed)
             await call.write(pb.AgentMessage(states=update))
+
+
+def warn_if_plaintext(setting: str, listen: str) -> None:
+    """Log a warning when a plaintext listener is reachable from other hosts."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127."):
+        return
+    log.warning(
+        "%s = %s serves plaintext gRPC without authentication to other hosts; "
+        "bind it to a trusted network only", setting, listen,
+    )
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

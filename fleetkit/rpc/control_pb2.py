@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66leetkit/rpc/control.proto\x12\x0c\x66leetkit.rpc\"-\n\nUnitSource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tunit_file\x18\x02 \x01(\t\"e\n\x12SubmitUnitsRequest\x12\'\n\x05units\x18\x01 \x03(\x0b\x32\x18.fleetkit.rpc.UnitSource\x12\x15\n\rdesired_state\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\">\n\x16SetDesiredStateRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x15\n\rdesired_state\x18\x02 \x01(\t\"\x1a\n\tUnitNames\x12\r\n\x05names\x18\x01 \x03(\t\"<\n\nUnitResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"8\n\x0bUnitResults\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.fleetkit.rpc.UnitResult\"\xa0\x01\n\nUnitRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tunit_file\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x15\n\rdesired_state\x18\x04 \x01(\t\x12\x15\n\rcurrent_state\x18\x05 \x01(\t\x12\x0e\n\x06global\x18\x06 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x10\n\x08machines\x18\x08 \x03(\t\"3\n\x08UnitList\x12\'\n\x05units\x18\x01 \x03(\x0b\x32\x18.fleetkit.rpc.UnitRecord\"\r\n\x0bListRequest\"\x8e\x01\n\x0fUnitStateRecord\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x12\n\nmachine_ip\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\x0c\n\x04load\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\t\x12\x0b\n\x03sub\x18\x07 \x01(\t\x12\x0f\n\x07\x64\x65sired\x18\x08 \x01(\t\">\n\rUnitStateList\x12-\n\x06states\x18\x01 \x03(\x0b\x32\x1d.fleetkit.rpc.UnitStateRecord\"\xdd\x01\n\rMachineRecord\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12;\n\x08metadata\x18\x03 \x03(\x0b\x32).fleetkit.rpc.MachineRecord.MetadataEntry\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x1d\n\x15seconds_since_contact\x18\x06 \x01(\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0bMachineList\x12-\n\x08machines\x18\x01 \x03(\x0b\x32\x1b.fleetkit.rpc.MachineRecord2\xba\x03\n\x07\x43ontrol\x12J\n\x0bSubmitUnits\x12 .fleetkit.rpc.SubmitUnitsRequest\x1a\x19.fleetkit.rpc.UnitResults\x12R\n\x0fSetDesiredState\x12$.fleetkit.rpc.SetDesiredStateRequest\x1a\x19.fleetkit.rpc.UnitResults\x12\x42\n\x0c\x44\x65stroyUnits\x12\x17.fleetkit.rpc.UnitNames\x1a\x19.fleetkit.rpc.UnitResults\x12;\n\x08GetUnits\x12\x17.fleetkit.rpc.UnitNames\x1a\x16.fleetkit.rpc.UnitList\x12H\n\x0eListUnitStates\x12\x19.fleetkit.rpc.ListRequest\x1a\x1b.fleetkit.rpc.UnitStateList\x12\x44\n\x0cListMachines\x12\x19.fleetkit.rpc.ListRequest\x1a\x19.fleetkit.rpc.MachineListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66leetkit/rpc/control.proto\x12\x0c\x66leetkit.rpc\"-\n\nUnitSource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tunit_file\x18\x02 \x01(\t\"e\n\x12SubmitUnitsRequest\x12\'\n\x05units\x18\x01 \x03(\x0b\x32\x18.fleetkit.rpc.UnitSource\x12\x15\n\rdesired_state\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\">\n\x16SetDesiredStateRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x15\n\rdesired_state\x18\x02 \x01(\t\"\x1a\n\tUnitNames\x12\r\n\x05names\x18\x01 \x03(\t\"<\n\nUnitResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"8\n\x0bUnitResults\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.fleetkit.rpc.UnitResult\"\xbc\x01\n\nUnitRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tunit_file\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x15\n\rdesired_state\x18\x04 \x01(\t\x12\x15\n\rcurrent_state\x18\x05 \x01(\t\x12\x0e\n\x06global\x18\x06 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x10\n\x08machines\x18\x08 \x03(\t\x12\x1a\n\x12unplaceable_reason\x18\t \x01(\t\"3\n\x08UnitList\x12\'\n\x05units\x18\x01 \x03(\x0b\x32\x18.fleetkit.rpc.UnitRecord\"\r\n\x0bListRequest\"\x8e\x01\n\x0fUnitStateRecord\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x12\n\nmachine_ip\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\x0c\n\x04load\x18\x05 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\t\x12\x0b\n\x03sub\x18\x07 \x01(\t\x12\x0f\n\x07\x64\x65sired\x18\x08 \x01(\t\">\n\rUnitStateList\x12-\n\x06states\x18\x01 \x03(\x0b\x32\x1d.fleetkit.rpc.UnitStateRecord\"\xdd\x01\n\rMachineRecord\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12;\n\x08metadata\x18\x03 \x03(\x0b\x32).fleetkit.rpc.MachineRecord.MetadataEntry\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x1d\n\x15seconds_since_contact\x18\x06 \x01(\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\x0bMachineList\x12-\n\x08machines\x18\x01 \x03(\x0b\x32\x1b.fleetkit.rpc.MachineRecord2\xba\x03\n\x07\x43ontrol\x12J\n\x0bSubmitUnits\x12 .fleetkit.rpc.SubmitUnitsRequest\x1a\x19.fleetkit.rpc.UnitResults\x12R\n\x0fSetDesiredState\x12$.fleetkit.rpc.SetDesiredStateRequest\x1a\x19.fleetkit.rpc.UnitResults\x12\x42\n\x0c\x44\x65stroyUnits\x12\x17.fleetkit.rpc.UnitNames\x1a\x19.fleetkit.rpc.UnitResults\x12;\n\x08GetUnits\x12\x17.fleetkit.rpc.UnitNames\x1a\x16.fleetkit.rpc.UnitList\x12H\n\x0eListUnitStates\x12\x19.fleetkit.rpc.ListRequest\x1a\x1b.fleetkit.rpc.UnitStateList\x12\x44\n\x0cListMachines\x12\x19.fleetkit.rpc.ListRequest\x1a\x19.fleetkit.rpc.MachineListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,21 +46,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNITRESULTS']._serialized_start=348
   _globals['_UNITRESULTS']._serialized_end=404
   _globals['_UNITRECORD']._serialized_start=407
-  _globals['_UNITRECORD']._serialized_end=567
-  _globals['_UNITLIST']._serialized_start=569
-  _globals['_UNITLIST']._serialized_end=620
-  _globals['_LISTREQUEST']._serialized_start=622
-  _globals['_LISTREQUEST']._serialized_end=635
-  _globals['_UNITSTATERECORD']._serialized_start=638
-  _globals['_UNITSTATERECORD']._serialized_end=780
-  _globals['_UNITSTATELIST']._serialized_start=782
-  _globals['_UNITSTATELIST']._serialized_end=844
-  _globals['_MACHINERECORD']._serialized_start=847
-  _globals['_MACHINERECORD']._serialized_end=1068
-  _globals['_MACHINERECORD_METADATAENTRY']._serialized_start=1021
-  _globals['_MACHINERECORD_METADATAENTRY']._serialized_end=1068
-  _globals['_MACHINELIST']._serialized_start=1070
-  _globals['_MACHINELIST']._serialized_end=1130
-  _globals['_CONTROL']._serialized_start=1133
-  _globals['_CONTROL']._serialized_end=1575
+  _globals['_UNITRECORD']._serialized_end=595
+  _globals['_UNITLIST']._serialized_start=597
+  _globals['_UNITLIST']._serialized_end=648
+  _globals['_LISTREQUEST']._serialized_start=650
+  _globals['_LISTREQUEST']._serialized_end=663
+  _globals['_UNITSTATERECORD']._serialized_start=666
+  _globals['_UNITSTATERECORD']._serialized_end=808
+  _globals['_UNITSTATELIST']._serialized_start=810
+  _globals['_UNITSTATELIST']._serialized_end=872
+  _globals['_MACHINERECORD']._serialized_start=875
+  _globals['_MACHINERECORD']._serialized_end=1096
+  _globals['_MACHINERECORD_METADATAENTRY']._serialized_start=1049
+  _globals['_MACHINERECORD_METADATAENTRY']._serialized_end=1096
+  _globals['_MACHINELIST']._serialized_start=1098
+  _globals['_MACHINELIST']._serialized_end=1158
+  _globals['_CONTROL']._serialized_start=1161
+  _globals['_CONTROL']._serialized_end=1603
 # @@protoc_insertion_point(module_scope)
