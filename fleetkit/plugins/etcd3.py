@@ -10,7 +10,8 @@ Connections: the backend talks to one endpoint at a time. When a request to
 it fails with "unavailable" or times out, the connection is dropped, and the
 next request dials the endpoints in order, starting after the one that failed.
 Requests never retry by themselves; `watch` does, as the storage contract
-requires.
+requires. `fleetkit.plugins.etcd3_endpoints` parses the endpoint URLs and
+defines the connection to one endpoint.
 
 Errors of grpc and aetcd are translated here, once, into `StorageUnavailable`,
 `LeaseExpired`, `FencingError`, `CompactedError` or `StorageError`, with the
@@ -23,9 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
-import urllib.parse
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import aetcd
@@ -42,63 +41,18 @@ from fleetkit.core.errors import (
 )
 from fleetkit.core.retry import Attempts, Backoff
 from fleetkit.core.storage import Capabilities, EventType, Fence, KeyValue, Storage, WatchEvent
+from fleetkit.plugins.etcd3_endpoints import (  # noqa: F401 (DEFAULT_PORT and Endpoint are re-exported)
+    _CHANNEL_OPTIONS,
+    DEFAULT_PORT,
+    Endpoint,
+    _Connection,
+    parse_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 2379
-
-# Keepalive pings detect a silently dead connection under a long-lived watch.
-# etcd 3.4 rejects pings more frequent than --grpc-keepalive-min-time (5 s by
-# default) and pings sent while no call is open, so neither is sent here.
-_CHANNEL_OPTIONS: dict[str, Any] = {
-    "grpc.keepalive_time_ms": 10_000,
-    "grpc.keepalive_timeout_ms": 5_000,
-    "grpc.keepalive_permit_without_calls": 0,
-    "grpc.http2.max_pings_without_data": 0,
-    "grpc.max_receive_message_length": 256 * 1024 * 1024,
-}
-
 _CREDENTIAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
 _UNAVAILABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One etcd client URL, split into what the gRPC channel needs."""
-
-    url: str  # without the password, safe to log
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-
-def parse_endpoint(text: str) -> Endpoint:
-    """Parse ``http://[user:password@]host[:port]`` (scheme optional, port 2379 by default).
-
-    Raises `ConfigError` for TLS URLs, bad ports and missing hosts.
-    """
-    raw = text.strip()
-    if "://" not in raw:
-        raw = f"http://{raw}"
-    parts = urllib.parse.urlsplit(raw)
-    shown = text.replace(parts.password, "***") if parts.password else text
-    if parts.scheme == "https":
-        raise ConfigError([f"storage endpoint {shown!r}: TLS is not supported by the etcd3 backend; use http://"])
-    if parts.scheme != "http":
-        raise ConfigError([f"storage endpoint {shown!r}: scheme must be http, got {parts.scheme!r}"])
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError as error:
-        raise ConfigError([f"storage endpoint {shown!r}: invalid port ({error})"]) from error
-    host = parts.hostname
-    if not host:
-        raise ConfigError([f"storage endpoint {shown!r}: host is missing"])
-    netloc_host = f"[{host}]" if ":" in host else host
-    user = urllib.parse.unquote(parts.username) if parts.username else None
-    password = urllib.parse.unquote(parts.password) if parts.password else None
-    credentials = f"{user}:***@" if user else ""
-    return Endpoint(f"http://{credentials}{netloc_host}:{port}", netloc_host, port, user, password)
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -135,20 +89,6 @@ def _lost_stream(error: BaseException) -> bool:
         return True
     task = asyncio.current_task()
     return task is not None and task.cancelling() == 0
-
-
-class _Connection:
-    """An open aetcd client bound to one endpoint, with the stubs used here."""
-
-    def __init__(self, endpoint: Endpoint, index: int, client: aetcd.Client):
-        self.endpoint = endpoint
-        self.index = index
-        self.client = client
-        self.kv = client.kvstub
-        self.lease = client.leasestub
-        self.maintenance = client.maintenancestub
-        self.watch = rpc.WatchStub(client.channel)
-        self.metadata = client.metadata
 
 
 class Etcd3Storage(Storage):
