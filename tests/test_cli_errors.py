@@ -142,3 +142,31 @@ async def test_unplaceable_unit_says_why(cluster, tmp_path):
     assert "cannot be placed" in result.stderr
     assert "role" in result.stderr
     assert "cannot be placed" in status.stdout
+
+
+async def test_daemon_rejects_foreign_prefix(etcd_server, tmp_path):
+    from fleetkit.plugins.etcd3 import Etcd3Storage
+
+    prefix = "/foreign-app/"
+    client = Etcd3Storage([etcd_server.client_url], prefix=prefix)
+    await client.connect()
+    await client.put("settings/colour", b"blue")
+    config = tmp_path / "cluster.toml"
+    config.write_text(
+        f'[storage]\nbackend = "etcd3"\nendpoints = ["{etcd_server.client_url}"]\nprefix = "{prefix}"\n'
+        f'[runtime]\nbus = "unix:path={tmp_path}/bus"\nunit_directory = "{tmp_path}/units"\n'
+        f'[api]\nlisten = "unix://{tmp_path}/api.sock"\n'
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "fleetkit", "daemon", "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )
+        items, _ = await client.list("")
+    finally:
+        await client.close()
+
+    assert result.returncode == 1
+    assert "settings/colour" in result.stderr
+    assert prefix in result.stderr
+    assert [item.key for item in items] == ["settings/colour"]

@@ -19,7 +19,8 @@ from fleetkit.core.api import serve_api
 from fleetkit.core.config import Config
 from fleetkit.core.election import Election, LeaderRecord
 from fleetkit.core.engine import Engine, LeadershipLost
-from fleetkit.core.errors import FleetkitError, StorageError
+from fleetkit.core.errors import FleetkitError, StorageError, StorageUnavailable
+from fleetkit.core.keyspace import claim_prefix
 from fleetkit.core.netinfo import detect_public_ip
 from fleetkit.core.retry import Attempts, Backoff
 from fleetkit.core.states import MachineInfo
@@ -40,6 +41,12 @@ class Daemon:
         check_capabilities(storage_class, transport_class)
 
         self.storage: Storage = storage_class.from_config(config.storage)
+        if not storage_class.capabilities.multi_key_transactions:
+            log.warning(
+                "storage.backend = %r cannot fence engine writes atomically: a leader that was paused past its "
+                "lease can overwrite one schedule entry before it notices; see docs/storage.md",
+                storage_class.name,
+            )
         self.runtime = runtime_class.from_config(config.runtime)
         self.transport: Transport = transport_class(config, self.storage)
 
@@ -77,10 +84,11 @@ class Daemon:
         while True:
             try:
                 await self.storage.connect()
+                await claim_prefix(self.storage, self.config.storage.prefix)
                 if reported:
                     log.info("storage is reachable again")
                 return
-            except StorageError as error:
+            except StorageUnavailable as error:
                 if not reported:
                     log.error("storage is unreachable, retrying: %s", error)
                     reported = True

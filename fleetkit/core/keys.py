@@ -8,11 +8,20 @@ Keys are relative to ``[storage] prefix``; the backend adds the prefix.
   machine id), written only by the leader, with a fence.
 - ``leader``: the leader record (JSON: machine, address, version), attached
   to the leader's lease.
+- ``format``: the layout version (JSON: ``{"fleetkit_format": 1}``), written
+  once by the first daemon; it marks the prefix as fleetkit's.
+
+Keys that start with ``.`` belong to the backend itself (for example lease
+bookkeeping) and are not part of this layout.
 """
 
 UNITS = "units/"
 SCHEDULE = "schedule/"
 LEADER = "leader"
+FORMAT = "format"
+
+# Prefixes of the state that must survive everything; a store migration copies these.
+PERSISTENT_PREFIXES = (UNITS, SCHEDULE)
 
 
 def unit_key(name: str) -> str:

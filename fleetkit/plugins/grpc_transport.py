@@ -167,6 +167,8 @@ class GrpcTransport(Transport):
     """Streams between each agent and the leader."""
 
     name = "grpc"
+    # Leader election needs leases; the schedule needs writes that are never lost or reordered.
+    required_capabilities = frozenset({"lease_ttl", "linearizable_writes"})
 
     async def serve(self, host: EngineHost) -> None:
         server = grpc.aio.server()
