@@ -59,7 +59,7 @@ def free_port() -> int:
 def node_config(
     directory: Path,
     name: str,
-    etcd_url: str,
+    storage_section: str,
     transport_port: int,
     manager,
     metadata: dict[str, str],
@@ -68,7 +68,10 @@ def node_config(
     reconcile_interval: str = "2s",
     agent_ttl: str = "10s",
 ) -> str:
-    """Return the TOML config of one loopback-only development node."""
+    """Return the TOML config of one loopback-only development node.
+
+    `storage_section` holds the TOML lines of the ``[storage]`` table.
+    """
     node_dir = directory / name
     metadata_text = ", ".join(f'{key} = "{value}"' for key, value in sorted(metadata.items()))
     return f"""\
@@ -80,9 +83,7 @@ state_dir = "{node_dir / 'state'}"
 metadata = {{ {metadata_text} }}
 
 [storage]
-backend = "etcd3"
-endpoints = ["{etcd_url}"]
-prefix = "/fleetkit/"
+{storage_section}
 
 [transport]
 mode = "grpc"
@@ -103,6 +104,10 @@ unit_directory = "{manager.unit_directory}"
 [api]
 listen = "unix://{node_dir / 'fleetkit.sock'}"
 """
+
+
+def etcd_storage_section(etcd_url: str) -> str:
+    return f'backend = "etcd3"\nendpoints = ["{etcd_url}"]\nprefix = "/fleetkit/"'
 
 
 def dev_metadata(index: int) -> dict[str, str]:
@@ -203,7 +208,9 @@ async def _up(nodes: int, directory: Path, ready_file: str | None) -> int:
             node_dir = directory / f"node{index}"
             node_dir.mkdir(parents=True, exist_ok=True)
             config_path = node_dir / "cluster.toml"
-            config_path.write_text(node_config(directory, f"node{index}", etcd_url, free_port(), manager, dev_metadata(index)))
+            config_path.write_text(node_config(
+                directory, f"node{index}", etcd_storage_section(etcd_url), free_port(), manager, dev_metadata(index),
+            ))
             log_path = node_dir / "daemon.log"
             log = open(log_path, "ab")
             process = await asyncio.create_subprocess_exec(

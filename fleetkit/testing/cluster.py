@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetkit.cli.devcluster import free_port, node_config
+from fleetkit.cli.devcluster import etcd_storage_section, free_port, node_config
 from fleetkit.usermanager import UserManager, start_user_manager
 
 DAEMON_READY_TIMEOUT = 30.0
@@ -124,9 +124,16 @@ class TestCluster:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, directory: Path, etcd_url: str):
+    def __init__(self, directory: Path, etcd_url: str = "", *, storage_section: str = "", storage_factory=None):
+        """Nodes use `storage_section` as their ``[storage]`` table, or etcd v3 at `etcd_url`.
+
+        `storage_factory()` returns a connected client of the same store; by
+        default an etcd v3 client of `etcd_url`.
+        """
         self.directory = directory
         self.etcd_url = etcd_url
+        self.storage_section = storage_section or etcd_storage_section(etcd_url)
+        self._storage_factory = storage_factory
         self.nodes: dict[str, Node] = {}
 
     async def add_node(
@@ -137,7 +144,7 @@ class TestCluster:
         manager = await start_user_manager(str(self.directory / "managers"), name=name)
         config_path = node_dir / "cluster.toml"
         config_path.write_text(node_config(
-            self.directory, name, self.etcd_url, free_port(), manager, metadata or {},
+            self.directory, name, self.storage_section, free_port(), manager, metadata or {},
             lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl,
         ))
         node = Node(name=name, directory=node_dir, manager=manager, config_path=config_path)
@@ -173,12 +180,16 @@ class TestCluster:
         return CliResult(process.returncode, stdout.decode(), stderr.decode())
 
     async def leader(self) -> str:
-        """Return the name of the node whose engine leads, read from the daemon logs."""
+        """Return the name of the node whose engine leads, from the leader record in storage."""
         from fleetkit.core.election import read_leader
-        from fleetkit.plugins.etcd3 import Etcd3Storage
 
-        storage = Etcd3Storage([self.etcd_url], prefix="/fleetkit/")
-        await storage.connect()
+        if self._storage_factory is not None:
+            storage = await self._storage_factory()
+        else:
+            from fleetkit.plugins.etcd3 import Etcd3Storage
+
+            storage = Etcd3Storage([self.etcd_url], prefix="/fleetkit/")
+            await storage.connect()
         try:
             found = await read_leader(storage)
         finally:
