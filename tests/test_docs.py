@@ -47,3 +47,13 @@ def test_glossary_terms_present():
     for term in ("unit", "unit file", "machine", "agent", "engine", "leader", "lease", "desired state",
                  "current state", "schedule", "transport", "storage"):
         assert f"| {term} |" in text, f"docs/glossary.md has no entry for {term}"
+
+
+def test_every_hook_documented():
+    from fleetkit.core import hookspecs
+
+    text = (DOCS / "plugins.md").read_text()
+    hooks = [name for name in dir(hookspecs) if name.startswith("fleetkit_")]
+    assert hooks
+    for name in hooks:
+        assert f"`{name}(" in text, f"docs/plugins.md has no entry for the hook {name}"

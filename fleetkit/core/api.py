@@ -35,9 +35,10 @@ STATE_RANK = {state: rank for rank, state in enumerate(DESIRED_STATES)}
 class ControlServicer(pb_grpc.ControlServicer):
     """Implements the Control service on top of storage and the engine host."""
 
-    def __init__(self, storage: Storage, host: EngineHost):
+    def __init__(self, storage: Storage, host: EngineHost, hooks=None):
         self._storage = storage
         self._host = host
+        self._hooks = hooks
 
     # -- writes ------------------------------------------------------------
 
@@ -61,6 +62,7 @@ class ControlServicer(pb_grpc.ControlServicer):
                 results.append(outcome)
             else:
                 prepared.append(outcome)
+        problems.extend(self._policy_problems([unit for _name, unit, _revision, _verb in prepared]))
         if problems:
             await _abort_invalid(context, problems)
 
@@ -73,6 +75,22 @@ class ControlServicer(pb_grpc.ControlServicer):
             else:
                 results.append(pb.UnitResult(name=name, outcome=verb))
         return pb.UnitResults(results=_in_request_order(request.units, results))
+
+    def _policy_problems(self, units: list[Unit]) -> list[str]:
+        """Return what the plugins' fleetkit_validate_unit hooks reject, one line per problem."""
+        if self._hooks is None:
+            return []
+        problems = []
+        for unit in units:
+            try:
+                answers = self._hooks.hook.fleetkit_validate_unit(unit=unit)
+            except Exception as error:
+                log.exception("a plugin failed in fleetkit_validate_unit for %s", unit.name)
+                problems.append(f"{unit.name}: a unit policy plugin failed ({error}); see the daemon log")
+                continue
+            for found in answers:
+                problems.extend(f"{unit.name}: {problem}" for problem in found or ())
+        return problems
 
     async def _prepare(self, source, stored: dict, desired_state: str, replace: bool):
         name = UnitName.parse(source.name)
@@ -291,10 +309,10 @@ async def _abort_invalid(context, problems: list[str]) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "\n".join(problems))
 
 
-async def serve_api(listen: str, storage: Storage, host: EngineHost) -> None:
+async def serve_api(listen: str, storage: Storage, host: EngineHost, hooks=None) -> None:
     """Serve the control API on `listen` (``unix:///path`` or host:port) until cancelled."""
     server = grpc.aio.server()
-    pb_grpc.add_ControlServicer_to_server(ControlServicer(storage, host), server)
+    pb_grpc.add_ControlServicer_to_server(ControlServicer(storage, host, hooks), server)
     if listen.startswith("unix://"):
         path = listen[len("unix://"):]
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -20,6 +20,7 @@ from fleetkit.core.config import Config
 from fleetkit.core.election import Election, LeaderRecord
 from fleetkit.core.engine import Engine, LeadershipLost
 from fleetkit.core.errors import FleetkitError, StorageError, StorageUnavailable
+from fleetkit.core.hooks import call_safely, plugin_manager
 from fleetkit.core.keyspace import claim_prefix
 from fleetkit.core.netinfo import detect_public_ip
 from fleetkit.core.retry import Attempts, Backoff
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 class Daemon:
     """Wires the components for one machine from a validated `Config`."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, hooks=None):
         self.config = config
+        self.hooks = hooks if hooks is not None else plugin_manager()
         storage_class = plugins.load_driver(plugins.STORAGE, config.storage.backend)
         runtime_class = plugins.load_driver(plugins.RUNTIME, config.runtime.backend)
         transport_class = plugins.load_driver(plugins.TRANSPORT, config.transport.mode)
@@ -65,15 +67,17 @@ class Daemon:
             __version__, self.machine.id, self.machine.ip or "no ip", self.storage.describe(), self.transport.name,
         )
         await self._connect_storage()
+        call_safely(self.hooks.hook.fleetkit_daemon_started, config=self.config, machine=self.machine)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.transport.serve(self.host))
-                group.create_task(serve_api(self.config.api.listen, self.storage, self.host))
+                group.create_task(serve_api(self.config.api.listen, self.storage, self.host, self.hooks))
                 group.create_task(self.agent.run())
                 group.create_task(self.transport.run_agent(self.agent))
                 if self.config.engine.enabled:
                     group.create_task(self._lead())
         finally:
+            call_safely(self.hooks.hook.fleetkit_daemon_stopping, config=self.config, machine=self.machine)
             await self.runtime.close()
             await self.storage.close()
             log.info("fleetkit stopped; units keep running")
@@ -106,12 +110,15 @@ class Daemon:
                     engine = Engine(
                         self.storage, leadership,
                         machine_ttl=self.config.agent.ttl, reconcile_interval=self.config.engine.reconcile_interval,
+                        hooks=self.hooks,
                     )
                     self.host.set_engine(engine)
+                    call_safely(self.hooks.hook.fleetkit_leadership_changed, machine=self.machine, leading=True)
                     try:
                         await engine.run()
                     finally:
                         self.host.set_engine(None)
+                        call_safely(self.hooks.hook.fleetkit_leadership_changed, machine=self.machine, leading=False)
             except* LeadershipLost as group:
                 log.warning("stopped leading: %s", group.exceptions[0])
             except* StorageError as group:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from fleetkit.core import keys
 from fleetkit.core.election import Leadership
 from fleetkit.core.errors import FencingError, StorageError, UnitError
+from fleetkit.core.hooks import call_safely
 from fleetkit.core.scheduler import Machine, Plan, plan, summarize
 from fleetkit.core.states import ChangeMessage, DesiredUnit, MachineInfo, SnapshotMessage, UnitState
 from fleetkit.core.storage import EventType, Storage
@@ -66,8 +67,10 @@ class Engine:
         machine_ttl: float,
         reconcile_interval: float,
         clock: Callable[[], float] = time.monotonic,
+        hooks=None,
     ):
         self._storage = storage
+        self._hooks = hooks
         self._leadership = leadership
         self._machine_ttl = machine_ttl
         self._interval = reconcile_interval
@@ -241,6 +244,8 @@ class Engine:
         self._push_to_agents()
 
         log.info("reconcile: %s", summarize(result))
+        if self._hooks is not None:
+            call_safely(self._hooks.hook.fleetkit_reconcile_finished, plan=result, statistics=self.statistics())
         return result
 
     def _plan(self) -> tuple[Plan, set[str]]:
