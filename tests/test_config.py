@@ -115,8 +115,12 @@ def test_load_empty_file_gives_defaults(tmp_path):
     assert config.node.metadata == {}
     assert config.node.public_ip == ""
     assert config.node.state_dir == "/var/lib/fleetkit"
-    assert config.storage.backend == "etcd3"
-    assert config.storage.endpoints == ("http://127.0.0.1:2379",)
+    assert config.storage.backend == "embedded"
+    assert config.storage.endpoints == ()
+    assert config.storage.username == ""
+    assert config.storage.password == ""
+    assert config.storage.ca_file == config.storage.cert_file == config.storage.key_file == ""
+    assert config.storage.path == "/var/lib/fleetkit/store.db"
     assert config.storage.prefix == "/fleetkit/"
     assert config.storage.dial_timeout == 5.0
     assert config.storage.request_timeout == 5.0
@@ -139,7 +143,7 @@ def test_load_none_path_uses_defaults():
     config = load_config(None, env={})
 
     assert config.source == "<defaults>"
-    assert config.storage == config_module.StorageConfig()
+    assert config.storage == config_module.StorageConfig(path="/var/lib/fleetkit/store.db")
 
 
 def test_load_missing_file_names_path(tmp_path):
@@ -186,12 +190,14 @@ TYPE_ERRORS = [
     ({"node": {"public_ip": "10.0.0"}}, 'node.public_ip = "10.0.0": not an IP address'),
     ({"node": {"public_ip": "0.0.0.0"}}, "unspecified address"),
     ({"node": {"state_dir": "var/lib"}}, 'node.state_dir = "var/lib": must be an absolute path'),
-    ({"storage": {"backend": "etcd"}}, 'storage.backend = "etcd": unknown backend; choose one of: etcd3'),
-    ({"storage": {"endpoints": "http://127.0.0.1:2379"}}, "expected an array, got a string"),
-    ({"storage": {"endpoints": []}}, "storage.endpoints = []: needs at least one endpoint"),
-    ({"storage": {"endpoints": ["127.0.0.1:2379"]}}, 'storage.endpoints[0] = "127.0.0.1:2379": expected an http://'),
-    ({"storage": {"endpoints": ["http://127.0.0.1"]}}, "storage.endpoints[0]"),
-    ({"storage": {"endpoints": ["http://127.0.0.1:2379", 7]}}, "storage.endpoints[1] = 7: expected a string"),
+    ({"storage": {"backend": "etcd"}},
+     'storage.backend = "etcd": unknown backend; choose one of: embedded, etcd2, etcd3, redis; did you mean'),
+    ({"storage": {"backend": "etcd3", "endpoints": "http://127.0.0.1:2379"}}, "expected an array, got a string"),
+    ({"storage": {"backend": "etcd3", "endpoints": ["http://127.0.0.1:2379", 7]}},
+     "storage.endpoints[1] = 7: expected a string"),
+    ({"storage": {"password": 5}}, 'storage.password = "***": expected a string, got an integer'),
+    ({"storage": {"ca_file": "ca.pem"}}, 'storage.ca_file = "ca.pem": must be an absolute path, for example "/ca.pem"'),
+    ({"storage": {"path": "store.db"}}, 'storage.path = "store.db": must be an absolute path'),
     ({"storage": {"prefix": "fleetkit"}}, 'storage.prefix = "fleetkit": must start and end with "/"'),
     ({"storage": {"dial_timeout": "0s"}}, "storage.dial_timeout = \"0s\": must be greater than zero"),
     ({"storage": {"request_timeout": 5}}, 'storage.request_timeout = 5: a duration needs a unit, for example "5s"'),
@@ -283,7 +289,7 @@ def test_parse_lists_all_problems_at_once():
 
 
 def test_parse_masks_url_password_in_problem():
-    problems = problems_of({"storage": {"endpoints": ["http://root:hunter2@127.0.0.1"]}})
+    problems = problems_of({"storage": {"backend": "etcd3", "endpoints": ["http://root:hunter2@127.0.0.1"]}})
 
     assert "hunter2" not in problems[0]
     assert "root:***@127.0.0.1" in problems[0]
@@ -315,14 +321,19 @@ def test_default_node_name_falls_back_to_host(tmp_path):
 
 
 def test_parse_backend_choices_follow_known_set():
-    config_module.KNOWN_STORAGE_BACKENDS.add("redis")
+    config_module.KNOWN_STORAGE_BACKENDS.add("consul")
     try:
-        config = parse_config({"storage": {"backend": "redis"}}, env={}, source="test")
+        config = parse_config({"storage": {"backend": "consul"}}, env={}, source="test")
     finally:
-        config_module.KNOWN_STORAGE_BACKENDS.discard("redis")
+        config_module.KNOWN_STORAGE_BACKENDS.discard("consul")
 
-    assert config.storage.backend == "redis"
-    assert problems_of({"storage": {"backend": "redis"}})
+    assert config.storage.backend == "consul"
+    assert config.storage.path == ""
+    assert problems_of({"storage": {"backend": "consul"}})
+
+
+def test_known_storage_backends():
+    assert config_module.KNOWN_STORAGE_BACKENDS >= {"etcd3", "etcd2", "redis", "embedded"}
 
 
 def test_parse_backend_choices_argument():
@@ -332,12 +343,335 @@ def test_parse_backend_choices_argument():
     assert config.storage.backend == "embedded"
 
 
+# ---------------------------------------------------------------- storage
+
+
+@pytest.fixture
+def pem(tmp_path):
+    """Return a function that creates an (empty) PEM file under tmp_path and returns its path."""
+    def make(name: str) -> str:
+        path = tmp_path / name
+        path.write_text("-----BEGIN CERTIFICATE-----\n", encoding="ascii")
+        return str(path)
+
+    return make
+
+
+def storage(**keys) -> dict:
+    return {"storage": keys}
+
+
+VALID_STORES = [
+    storage(),
+    storage(backend="embedded", path="/srv/fleetkit/cluster.db"),
+    storage(backend="etcd3", endpoints=["http://127.0.0.1:2379", "https://[2001:db8::1]:2379/"]),
+    storage(backend="etcd2", endpoints=["http://etcd.example:2379"], username="fleet", password="pw"),
+    storage(backend="redis", endpoints=["redis://127.0.0.1:6379", "redis://10.0.0.2:6379/3"]),
+    storage(backend="redis", endpoints=["rediss://cache.example:6380/0"]),
+    storage(backend="redis", endpoints=["unix:///run/redis/redis.sock"], password="pw"),
+    storage(backend="redis", endpoints=["redis://:s3cret@127.0.0.1:6379/0"]),
+    storage(backend="etcd3", endpoints=["http://root:s3cret@127.0.0.1:2379"], username="root"),
+]
+
+
+@pytest.mark.parametrize("data", VALID_STORES, ids=[str(item["storage"]) for item in VALID_STORES])
+def test_storage_valid_combinations(data):
+    config = parse_config(data, env={}, source="test")
+
+    assert config.storage.backend == data["storage"].get("backend", "embedded")
+    assert config.storage.endpoints == tuple(data["storage"].get("endpoints", ()))
+
+
+def test_storage_embedded_path_follows_state_dir():
+    config = parse_config({"node": {"state_dir": "/srv/fk"}}, env={}, source="test")
+
+    assert config.storage.path == "/srv/fk/store.db"
+    assert config.redacted()["storage"]["path"] == "/srv/fk/store.db"
+
+
+def test_storage_embedded_explicit_path_kept():
+    config = parse_config(storage(path="/data/store.db"), env={}, source="test")
+
+    assert config.storage.path == "/data/store.db"
+
+
+def test_storage_path_not_derived_for_networked_backend():
+    config = parse_config(storage(backend="etcd3", endpoints=["http://127.0.0.1:2379"]), env={}, source="test")
+
+    assert config.storage.path == ""
+
+
+def test_storage_bad_state_dir_reports_only_state_dir():
+    problems = problems_of({"node": {"state_dir": "relative"}})
+
+    assert len(problems) == 1 and problems[0].startswith('node.state_dir = "relative"'), problems
+
+
+STORAGE_ERRORS = [
+    (storage(endpoints=["http://127.0.0.1:2379"]),
+     ['storage.endpoints = ["http://127.0.0.1:2379"]: storage.backend is not set; set it to the store these '
+      'endpoints belong to ("etcd2", "etcd3", "redis"), since the default backend "embedded" takes no endpoints']),
+    (storage(endpoints=["127.0.0.1:2379"]),
+     ["storage.backend is not set",
+      'storage.endpoints[0] = "127.0.0.1:2379": expected a store URL: http:// or https:// (etcd), redis://, '
+      'rediss:// or unix:// (redis), for example "http://127.0.0.1:2379"']),
+    (storage(backend="embedded", endpoints=["http://127.0.0.1:2379"]),
+     ['storage.endpoints = ["http://127.0.0.1:2379"]: the embedded store takes no endpoints; remove '
+      "storage.endpoints or choose another backend"]),
+    (storage(backend="etcd3"),
+     ["storage.endpoints (default) = []: the etcd3 backend needs at least one endpoint; list the store's URLs, "
+      'for example endpoints = ["http://127.0.0.1:2379"]']),
+    (storage(backend="etcd2", endpoints=[]),
+     ["storage.endpoints = []: the etcd2 backend needs at least one endpoint; list the store's URLs, for example "
+      'endpoints = ["http://127.0.0.1:2379"]']),
+    (storage(backend="redis", endpoints=[]),
+     ["storage.endpoints = []: the redis backend needs at least one endpoint; list the store's URLs, for example "
+      'endpoints = ["redis://127.0.0.1:6379/0"]']),
+    (storage(backend="etcd3", endpoints=["127.0.0.1:2379"]),
+     ['storage.endpoints[0] = "127.0.0.1:2379": expected an http:// or https:// URL with host and port for the '
+      'etcd3 backend, for example "http://127.0.0.1:2379"']),
+    (storage(backend="etcd3", endpoints=["http://127.0.0.1"]),
+     ['storage.endpoints[0] = "http://127.0.0.1": the port is missing; write it after the host, for example '
+      '"http://127.0.0.1:2379"']),
+    (storage(backend="etcd3", endpoints=["http://127.0.0.1:0"]),
+     ['storage.endpoints[0] = "http://127.0.0.1:0": port 0 cannot be dialled; write the store\'s port, for '
+      'example "http://127.0.0.1:2379"']),
+    (storage(backend="etcd3", endpoints=["http://127.0.0.1:2379/v2/keys"]),
+     ['storage.endpoints[0] = "http://127.0.0.1:2379/v2/keys": an etcd URL takes no path; write only '
+      'scheme://host:port, for example "http://127.0.0.1:2379"']),
+    (storage(backend="etcd3", endpoints=["http://127.0.0.1:2379?x=1"]),
+     ['storage.endpoints[0] = "http://127.0.0.1:2379?x=1": a store URL takes no ?query or #fragment; write '
+      '"http://127.0.0.1:2379"']),
+    (storage(backend="etcd3", endpoints=["http://127.0.0.1:99999"]),
+     ['storage.endpoints[0] = "http://127.0.0.1:99999": not a valid URL; expected an http:// or https:// URL']),
+    (storage(backend="etcd2", endpoints=["redis://127.0.0.1:6379"]),
+     ['storage.endpoints[0] = "redis://127.0.0.1:6379": expected an http:// or https:// URL with host and port '
+      'for the etcd2 backend, for example "http://127.0.0.1:2379"']),
+    (storage(backend="redis", endpoints=["http://127.0.0.1:6379"]),
+     ['storage.endpoints[0] = "http://127.0.0.1:6379": expected a redis://host:port[/db], '
+      "rediss://host:port[/db] or unix:///absolute/path.sock URL for the redis backend, for example "
+      '"redis://127.0.0.1:6379/0"']),
+    (storage(backend="redis", endpoints=["redis://127.0.0.1"]),
+     ['storage.endpoints[0] = "redis://127.0.0.1": the port is missing; write it after the host, for example '
+      '"redis://127.0.0.1:6379"']),
+    (storage(backend="redis", endpoints=["redis://127.0.0.1:6379/cache"]),
+     ['storage.endpoints[0] = "redis://127.0.0.1:6379/cache": the path is the database number, such as "/0"; '
+      'for example "redis://127.0.0.1:6379/0"']),
+    (storage(backend="redis", endpoints=["unix://run/redis.sock"]),
+     ['storage.endpoints[0] = "unix://run/redis.sock": a unix socket needs an absolute path after "unix://", '
+      'for example "unix:///run/redis.sock"']),
+    (storage(backend="redis", endpoints=["unix:///" + "s" * 107]),
+     ["longer than 107 bytes"]),
+    (storage(backend="etcd3", endpoints=["http://root:hunter2@127.0.0.1:2379"], password="hunter3"),
+     ['storage.endpoints[0] = "http://root:***@127.0.0.1:2379": the URL has a password and storage.password is '
+      "set too; keep only one of them (storage.password keeps it out of the URL)"]),
+    (storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], path="/srv/store.db"),
+     ['storage.path = "/srv/store.db": storage.path is the file of the embedded store and the etcd3 backend does '
+      'not use it; remove storage.path or set storage.backend = "embedded"']),
+    (storage(password="hunter2"),
+     ['storage.password = "***": the embedded store is a local file and takes no credentials; remove '
+      "storage.password or choose another backend"]),
+    (storage(username="fleet"),
+     ['storage.username = "fleet": the embedded store is a local file and takes no credentials; remove '
+      "storage.username or choose another backend"]),
+    (storage(ca_file="/nonexistent/ca.pem"),
+     ['storage.ca_file = "/nonexistent/ca.pem": no such file; give the path of an existing PEM file, or "" for '
+      "none"]),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), STORAGE_ERRORS, ids=[item[1][0][:50] for item in STORAGE_ERRORS])
+def test_storage_errors(data, expected):
+    problems = problems_of(data)
+
+    assert len(problems) == len(expected), problems
+    for problem, fragment in zip(problems, expected):
+        assert fragment in problem
+        assert "hunter2" not in problem
+
+
+def test_storage_every_problem_at_once():
+    data = storage(backend="redis", endpoints=["redis://a", "http://b:1", "rediss://c:6380"], path="/x.db",
+                   ca_file="/nonexistent.pem", prefix="x")
+
+    problems = problems_of(data)
+
+    joined = "\n".join(problems)
+    assert len(problems) == 5, problems
+    for fragment in ("storage.ca_file", "storage.prefix", "storage.endpoints[0]", "storage.endpoints[1]",
+                     "storage.path"):
+        assert fragment in joined
+
+
+def test_storage_unknown_backend_still_checks_endpoints():
+    problems = problems_of(storage(backend="zookeeper", endpoints=["ftp://x:1"]))
+
+    assert len(problems) == 2, problems
+    assert problems[0].startswith('storage.backend = "zookeeper": unknown backend')
+    assert problems[1].startswith('storage.endpoints[0] = "ftp://x:1": expected a store URL')
+
+
+def test_storage_env_endpoints_need_backend():
+    problems = problems_of({}, env={"FLEETKIT_STORAGE_ENDPOINTS": "http://127.0.0.1:2379"})
+
+    assert problems == ['FLEETKIT_STORAGE_ENDPOINTS: storage.endpoints = "http://127.0.0.1:2379": storage.backend '
+                        'is not set; set it to the store these endpoints belong to ("etcd2", "etcd3", "redis"), '
+                        'since the default backend "embedded" takes no endpoints']
+
+
+def test_storage_env_backend_with_file_endpoints():
+    config = parse_config(storage(endpoints=["redis://127.0.0.1:6379"]), env={"FLEETKIT_STORAGE_BACKEND": "redis"},
+                          source="test")
+
+    assert config.storage.backend == "redis"
+
+
+def test_storage_env_endpoint_problem_names_variable():
+    problems = problems_of({}, env={"FLEETKIT_STORAGE_BACKEND": "redis",
+                                    "FLEETKIT_STORAGE_ENDPOINTS": "redis://127.0.0.1:6379,redis://x"})
+
+    assert problems == ['FLEETKIT_STORAGE_ENDPOINTS: storage.endpoints[1] = "redis://x": the port is missing; '
+                        'write it after the host, for example "redis://x:6379"']
+
+
+def test_storage_env_password_overrides_file():
+    data = storage(backend="redis", endpoints=["redis://127.0.0.1:6379"], password="from-file")
+
+    config = parse_config(data, env={"FLEETKIT_STORAGE_PASSWORD": "from-env"}, source="test")
+
+    assert config.storage.password == "from-env"
+    assert config.redacted()["storage"]["password"] == "***"
+
+
+def test_storage_env_password_masked_in_problem():
+    problems = problems_of({}, env={"FLEETKIT_STORAGE_PASSWORD": "hunter2"})
+
+    assert problems == ['FLEETKIT_STORAGE_PASSWORD: storage.password = "***": the embedded store is a local file '
+                        "and takes no credentials; remove storage.password or choose another backend"]
+
+
+def test_storage_redacted_masks_password_key_and_urls():
+    data = storage(backend="redis", endpoints=["redis://:hunter2@127.0.0.1:6379/0", "unix:///run/redis.sock"],
+                   username="fleet")
+    config = parse_config(data, env={"FLEETKIT_STORAGE_PASSWORD": ""}, source="test")
+    with_password = parse_config(storage(backend="redis", endpoints=["redis://127.0.0.1:6379"],
+                                         password="hunter2"), env={}, source="test")
+
+    assert config.redacted()["storage"]["endpoints"] == ["redis://:***@127.0.0.1:6379/0", "unix:///run/redis.sock"]
+    assert config.redacted()["storage"]["password"] == ""
+    assert with_password.redacted()["storage"]["password"] == "***"
+    assert with_password.redacted()["storage"]["username"] == ""
+    for shown in (repr(config.redacted()), repr(with_password.redacted()), repr(config), repr(with_password)):
+        assert "hunter2" not in shown
+
+
+def test_storage_password_with_slash_masked_whole():
+    problems = problems_of(storage(backend="etcd3", endpoints=["http://root:hun/ter2@127.0.0.1:2379"]))
+
+    assert len(problems) == 1
+    assert problems[0].startswith('storage.endpoints[0] = "http://root:***@127.0.0.1:2379": not a valid URL; '
+                                  'write a "/", "@" or ":" in a user name or password as %2F, %40 or %3A')
+    assert "hun" not in problems[0]
+
+
+def test_storage_tls_files(pem):
+    data = storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], ca_file=pem("ca.pem"),
+                   cert_file=pem("client.pem"), key_file=pem("client-key.pem"))
+
+    config = parse_config(data, env={}, source="test")
+
+    assert config.storage.ca_file.endswith("/ca.pem")
+    assert config.storage.cert_file.endswith("/client.pem")
+    assert config.storage.key_file.endswith("/client-key.pem")
+
+
+def test_storage_rediss_without_ca_file_uses_system_cas():
+    config = parse_config(storage(backend="redis", endpoints=["rediss://127.0.0.1:6380"]), env={}, source="test")
+
+    assert config.storage.ca_file == ""
+
+
+def test_storage_ca_file_with_http_suggests_https(pem):
+    ca = pem("ca.pem")
+    data = storage(backend="etcd3", endpoints=["https://10.0.0.1:2379", "http://root:hunter2@10.0.0.2:2379"],
+                   ca_file=ca)
+
+    problems = problems_of(data)
+
+    assert problems == [f'storage.endpoints[1] = "http://root:***@10.0.0.2:2379": storage.ca_file is set but this '
+                        'URL does not use TLS; write "https://root:***@10.0.0.2:2379", or remove storage.ca_file']
+
+
+def test_storage_client_cert_with_redis_suggests_rediss(pem):
+    data = storage(backend="redis", endpoints=["redis://10.0.0.1:6379", "unix:///run/redis.sock"],
+                   cert_file=pem("c.pem"), key_file=pem("k.pem"))
+
+    problems = problems_of(data)
+
+    assert problems == [
+        'storage.endpoints[0] = "redis://10.0.0.1:6379": storage.cert_file and storage.key_file are set but this '
+        'URL does not use TLS; write "rediss://10.0.0.1:6379", or remove storage.cert_file and storage.key_file',
+        'storage.endpoints[1] = "unix:///run/redis.sock": a unix socket does not use TLS; remove storage.cert_file '
+        "and storage.key_file or use a rediss:// URL",
+    ]
+
+
+@pytest.mark.parametrize(("have", "need"), [("cert_file", "key_file"), ("key_file", "cert_file")])
+def test_storage_cert_and_key_go_together(pem, have, need):
+    path = pem("x.pem")
+    problems = problems_of(storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], **{have: path}))
+
+    assert problems == [f'storage.{have} = "{path}": storage.{need} is not set; a client certificate needs its '
+                        "private key, so set both storage.cert_file and storage.key_file, or neither"]
+
+
+def test_storage_tls_file_is_directory(tmp_path):
+    problems = problems_of(storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], ca_file=str(tmp_path)))
+
+    assert problems == [f'storage.ca_file = "{tmp_path}": is a directory; give the path of a PEM file, or "" for '
+                        "none"]
+
+
+def test_storage_missing_key_file_named(pem):
+    cert = pem("c.pem")
+    problems = problems_of(storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], cert_file=cert,
+                                   key_file="/nonexistent/k.pem"))
+
+    # Only the missing file: the pairing rule skips a key that failed its own check.
+    assert problems == ['storage.key_file = "/nonexistent/k.pem": no such file; give the path of an existing PEM '
+                        'file, or "" for none']
+
+
+def test_storage_embedded_rejects_tls(pem):
+    ca = pem("ca.pem")
+
+    problems = problems_of(storage(ca_file=ca))
+
+    assert problems == [f'storage.ca_file = "{ca}": the embedded store is a local file and takes no TLS settings; '
+                        "remove storage.ca_file or choose another backend"]
+
+
+def test_storage_plugin_backend_gets_no_url_rules():
+    config = parse_config(storage(backend="consul", endpoints=["consul://x"]), env={}, source="test",
+                          choices={"storage.backend": {"consul"}})
+
+    assert config.storage.endpoints == ("consul://x",)
+
+
+def test_storage_config_repr_hides_passwords():
+    config = config_module.StorageConfig(backend="etcd3", endpoints=("http://u:hunter2@h:2379",), password="hunter2")
+
+    assert "hunter2" not in repr(config)
+    assert "u:***@h:2379" in repr(config)
+
+
 # ---------------------------------------------------------------- environment
 
 
 def test_env_overrides_each_kind():
     env = {
         "FLEETKIT_NODE_NAME": "db-2",
+        "FLEETKIT_STORAGE_BACKEND": "etcd3",
         "FLEETKIT_STORAGE_ENDPOINTS": "http://127.0.0.1:2379, http://127.0.0.1:22379",
         "FLEETKIT_NODE_METADATA": "region=eu,disk=ssd",
         "FLEETKIT_ENGINE_ENABLED": "false",
@@ -376,9 +710,10 @@ def test_env_invalid_metadata_item():
 
 
 def test_env_empty_endpoints_is_error():
-    problems = problems_of({}, env={"FLEETKIT_STORAGE_ENDPOINTS": ""})
+    problems = problems_of({}, env={"FLEETKIT_STORAGE_BACKEND": "etcd3", "FLEETKIT_STORAGE_ENDPOINTS": ""})
 
-    assert problems[0].startswith('FLEETKIT_STORAGE_ENDPOINTS: storage.endpoints = "": needs at least one')
+    assert problems == ['FLEETKIT_STORAGE_ENDPOINTS: storage.endpoints = "": the etcd3 backend needs at least one '
+                        'endpoint; list the store\'s URLs, for example endpoints = ["http://127.0.0.1:2379"]']
 
 
 def test_env_unknown_key_suggests_variable():
@@ -507,7 +842,7 @@ def test_endpoint_address_rejects_bad_form(value, expected):
 
 
 def test_redacted_masks_url_password():
-    data = {"storage": {"endpoints": ["https://root:hunter2@127.0.0.1:2379"]}}
+    data = {"storage": {"backend": "etcd3", "endpoints": ["https://root:hunter2@127.0.0.1:2379"]}}
     config = parse_config(data, env={}, source="test")
 
     display = config.redacted()
@@ -544,11 +879,51 @@ def test_check_config_warns_unresolvable_unit_directory(tmp_path):
 
 
 def test_check_config_warns_local_listen_remote_store(tmp_path):
-    path = write(tmp_path, '[storage]\nendpoints = ["http://192.0.2.1:2379"]\n')
+    path = write(tmp_path, '[storage]\nbackend = "etcd3"\nendpoints = ["http://192.0.2.1:2379"]\n')
 
     _, warnings = check_config(path, env={})
 
     assert any(warning.startswith('transport.listen = "127.0.0.1:7070" accepts only local') for warning in warnings)
+
+
+@pytest.mark.parametrize(("text", "warned"), [
+    ('backend = "etcd3"\nendpoints = ["http://192.0.2.1:2379"]\npassword = "pw"', "http://192.0.2.1:2379"),
+    ('backend = "etcd3"\nendpoints = ["http://root:hunter2@192.0.2.1:2379"]', "http://root:***@192.0.2.1:2379"),
+    ('backend = "redis"\nendpoints = ["redis://cache.example:6379"]\npassword = "pw"', "redis://cache.example:6379"),
+])
+def test_check_config_warns_plaintext_password(tmp_path, text, warned):
+    path = write(tmp_path, f"[storage]\n{text}\n[transport]\nlisten = \"0.0.0.0:7070\"\n")
+
+    _, warnings = check_config(path, env={})
+
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f'storage.endpoints[0] = "{warned}" is not encrypted and the store is on another '
+                                  "machine, so the store password travels in plaintext; use ")
+    assert "hunter2" not in warnings[0]
+
+
+@pytest.mark.parametrize("text", [
+    'backend = "etcd3"\nendpoints = ["http://192.0.2.1:2379"]',
+    'backend = "etcd3"\nendpoints = ["http://127.0.0.1:2379"]\npassword = "pw"',
+    'backend = "etcd3"\nendpoints = ["https://192.0.2.1:2379"]\npassword = "pw"',
+    'backend = "redis"\nendpoints = ["rediss://192.0.2.1:6379"]\npassword = "pw"',
+    'backend = "redis"\nendpoints = ["unix:///run/redis.sock"]\npassword = "pw"',
+    'backend = "redis"\nendpoints = ["redis://localhost:6379"]\npassword = "pw"',
+])
+def test_check_config_no_plaintext_warning(tmp_path, text):
+    path = write(tmp_path, f"[storage]\n{text}\n[transport]\nlisten = \"0.0.0.0:7070\"\n")
+
+    _, warnings = check_config(path, env={})
+
+    assert warnings == []
+
+
+def test_check_config_unix_store_is_local(tmp_path):
+    path = write(tmp_path, '[storage]\nbackend = "redis"\nendpoints = ["unix:///run/redis.sock"]\n')
+
+    _, warnings = check_config(path, env={})
+
+    assert warnings == []
 
 
 def test_check_config_raises_on_invalid(tmp_path):
@@ -576,12 +951,18 @@ def test_docs_cover_every_key():
             assert f"FLEETKIT_{section.name.upper()}_{spec.name.upper()}" in text, spec.name
 
 
-def test_docs_example_is_valid():
+def test_docs_examples_are_valid():
     text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
-    example = re.search(r"```toml\n(.*?)```", text, re.DOTALL)
+    examples = re.findall(r"```toml\n(.*?)```", text, re.DOTALL)
 
-    assert example is not None
-    parse_config(tomllib.loads(example.group(1)), env={}, source="docs/config.md")
+    assert len(examples) >= 5  # one per backend and the full example
+    for example in examples:
+        try:
+            parse_config(tomllib.loads(example), env={}, source="docs/config.md")
+        except ConfigError as error:
+            # The examples name certificate files of another machine; everything else must be valid.
+            other = [problem for problem in error.problems if "no such file" not in problem]
+            assert other == [], example
 
 
 def test_example_file_is_valid():

@@ -7,6 +7,10 @@ split, join and classify such addresses, raising the `_Invalid` of
 `_check_*` functions are the checks of the `transport.listen`,
 `transport.advertise` and `api.listen` keys, and `endpoint_address` turns an
 API address into a gRPC target that a client can dial.
+
+The store URLs of `storage.endpoints` depend on the backend: `STORE_URLS`
+gives, per backend, the URL schemes it accepts with a description and an
+example, and `store_url_problem` checks one URL against them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlsplit
 
 from fleetkit.core.config_schema import _fail, _Invalid, _show
 from fleetkit.core.errors import ConfigError
@@ -21,6 +27,85 @@ from fleetkit.core.errors import ConfigError
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class StoreUrls:
+    """The URLs a storage backend accepts: `schemes`, described by `form`, with an `example`."""
+
+    schemes: tuple[str, ...]
+    form: str
+    example: str
+
+
+_ETCD_URLS = StoreUrls(("http", "https"), "an http:// or https:// URL with host and port", "http://127.0.0.1:2379")
+_REDIS_URLS = StoreUrls(("redis", "rediss", "unix"),
+                        "a redis://host:port[/db], rediss://host:port[/db] or unix:///absolute/path.sock URL",
+                        "redis://127.0.0.1:6379/0")
+# URLs per networked backend. A backend not listed here (the embedded store, or
+# one from a plugin) gets no per-backend URL rules.
+STORE_URLS: dict[str, StoreUrls] = {"etcd3": _ETCD_URLS, "etcd2": _ETCD_URLS, "redis": _REDIS_URLS}
+# Any URL of a known backend, for endpoints whose backend is unknown or unset.
+ANY_STORE_URL = StoreUrls(("http", "https", "redis", "rediss", "unix"),
+                          "a store URL: http:// or https:// (etcd), redis://, rediss:// or unix:// (redis)",
+                          "http://127.0.0.1:2379")
+TLS_SCHEMES = frozenset({"https", "rediss"})
+_DEFAULT_PORTS = {"http": 2379, "https": 2379, "redis": 6379, "rediss": 6379}
+
+
+def store_url_problem(url: str, urls: StoreUrls, backend: str = "") -> str:
+    """Return why `url` is not one of `urls` (for `backend`, if named), or "" if it is."""
+    for_backend = f" for the {backend} backend" if backend else ""
+    wanted = f"expected {urls.form}{for_backend}, for example {_show(urls.example)}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        # The error's text can quote part of a password, so it is not shown.
+        if "@" in url:
+            return (f'not a valid URL; write a "/", "@" or ":" in a user name or password as %2F, %40 or %3A, or '
+                    f"set storage.password instead; {wanted}")
+        return f"not a valid URL; {wanted}"
+    if parts.scheme not in urls.schemes:
+        return wanted
+    if parts.scheme == "unix":
+        return _unix_url_problem(url, parts)
+    if "://" not in url:
+        return wanted
+    example = f"{parts.scheme}://{_join_host_port(parts.hostname or '127.0.0.1', _DEFAULT_PORTS[parts.scheme])}"
+    if not parts.hostname:
+        return f"the host is missing; {wanted}"
+    if port is None:
+        return f"the port is missing; write it after the host, for example {_show(example)}"
+    if port == 0:
+        return f"port 0 cannot be dialled; write the store's port, for example {_show(example)}"
+    if parts.query or parts.fragment:
+        return f"a store URL takes no ?query or #fragment; write {_show(example)}"
+    if parts.scheme in ("redis", "rediss"):
+        if parts.path not in ("", "/") and not re.fullmatch(r"/[0-9]+", parts.path):
+            return f'the path is the database number, such as "/0"; for example {_show(example + "/0")}'
+    elif parts.path not in ("", "/"):
+        return f"an etcd URL takes no path; write only scheme://host:port, for example {_show(example)}"
+    return ""
+
+
+def _unix_url_problem(url: str, parts: SplitResult) -> str:
+    path = parts.path
+    if not url.lower().startswith("unix://") or parts.hostname or not path.startswith("/"):
+        suggestion = "/" + f"{parts.hostname or ''}{path}".lstrip("/")
+        return f'a unix socket needs an absolute path after "unix://", for example "unix://{suggestion}"'
+    if parts.query or parts.fragment:
+        return f'a unix socket URL takes no ?query or #fragment; write "unix://{path}"'
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        return (f"the socket path is longer than {_MAX_SOCKET_PATH} bytes, the limit of unix socket addresses on "
+                "Linux; choose a shorter path")
+    return ""
+
+
+def store_host(url: str) -> str | None:
+    """Return the host of a valid store URL, or None for a unix socket (always on this machine)."""
+    parts = urlsplit(url)
+    return None if parts.scheme == "unix" else parts.hostname or ""
 
 
 def _check_listen(value: str) -> str:

@@ -22,19 +22,20 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from fleetkit.core.addresses import (
-    _check_advertise, _check_api_listen, _check_listen, _is_loopback, _is_unspecified, _join_host_port,
-    _split_host_port, endpoint_address,
+    ANY_STORE_URL, STORE_URLS, TLS_SCHEMES, _check_advertise, _check_api_listen, _check_listen, _is_loopback,
+    _is_unspecified, _join_host_port, _split_host_port, endpoint_address, store_host, store_url_problem,
 )
 from fleetkit.core.config_schema import (  # noqa: F401 (KINDS is re-exported)
     _WHOLE, KINDS, KeySpec, SectionSpec, _as_default, _at_least, _check_absolute_path, _check_bus,
-    _check_endpoints, _check_metadata, _check_node_name, _check_optional_path, _check_prefix, _check_public_ip,
-    _display, _from_env, _from_toml, _Invalid, _section, _show, _toml_key, _validate_key,
+    _check_endpoints, _check_existing_file, _check_metadata, _check_node_name, _check_optional_path, _check_prefix,
+    _check_public_ip, _display, _from_env, _from_toml, _Invalid, _mask_url, _section, _show, _toml_key,
+    _validate_key,
 )
 from fleetkit.core.durations import DurationError, format_duration
 from fleetkit.core.errors import ConfigError
@@ -48,7 +49,7 @@ __all__ = [
 
 # Backend names accepted by validation. Modules that register more backends add
 # their names to these sets, and parse_config also takes an explicit set per key.
-KNOWN_STORAGE_BACKENDS: set[str] = {"etcd3"}
+KNOWN_STORAGE_BACKENDS: set[str] = {"etcd3", "etcd2", "redis", "embedded"}
 KNOWN_TRANSPORT_MODES: set[str] = {"grpc"}
 KNOWN_RUNTIME_BACKENDS: set[str] = {"systemd"}
 
@@ -82,13 +83,37 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    """Shared store that contains the cluster state. Durations are in seconds."""
+    """Store that contains the cluster state. Durations are in seconds.
 
-    backend: str = "etcd3"
-    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    The default backend, "embedded", keeps the state in the file `path` on this
+    machine and takes no endpoints; the others are shared stores reached at
+    `endpoints`. A Config built by `parse_config` with the embedded backend
+    always has `path` set (to `<node.state_dir>/store.db` unless given).
+    """
+
+    backend: str = "embedded"
+    endpoints: tuple[str, ...] = ()
+    username: str = ""
+    password: str = field(default="", repr=False)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    path: str = ""
     prefix: str = "/fleetkit/"
     dial_timeout: float = 5.0
     request_timeout: float = 5.0
+
+    def __repr__(self) -> str:
+        # Like the generated repr, with URL passwords masked and the password key left out.
+        shown = (f"{item.name}={_masked(getattr(self, item.name))!r}" for item in dataclasses.fields(self)
+                 if item.repr)
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_mask_url(item) for item in value)
+    return _mask_url(value) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)
@@ -229,7 +254,16 @@ SCHEMA: dict[str, SectionSpec] = {section.name: section for section in (
     _section(
         "storage", StorageConfig,
         KeySpec("backend", "string", "Storage backend name.", choices=KNOWN_STORAGE_BACKENDS),
-        KeySpec("endpoints", "list", "Store URLs, http:// or https:// with host and port.", _check_endpoints),
+        KeySpec("endpoints", "list", "Store URLs: http(s)://host:port for etcd, redis(s)://host:port[/db] or "
+                "unix:///path.sock for redis, none for the embedded store.", _check_endpoints),
+        KeySpec("username", "string", "User name to authenticate to the store."),
+        KeySpec("password", "string", "Password to authenticate to the store.", secret=True),
+        KeySpec("ca_file", "string", 'PEM file of the CAs that sign the store\'s certificate; "" uses the system '
+                "CAs.", _check_existing_file),
+        KeySpec("cert_file", "string", "PEM client certificate for the store; needs key_file.", _check_existing_file),
+        KeySpec("key_file", "string", "PEM private key of cert_file.", _check_existing_file),
+        KeySpec("path", "string", 'File of the embedded store; "" means <node.state_dir>/store.db.',
+                _check_optional_path),
         KeySpec("prefix", "string", "Key prefix for all fleetkit keys; starts and ends with /.", _check_prefix),
         KeySpec("dial_timeout", "duration", "Time allowed to connect to the store.", _at_least(0)),
         KeySpec("request_timeout", "duration", "Time allowed for one store request.", _at_least(0)),
@@ -322,31 +356,33 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
     env_values = _read_env_values(environ, problems)
 
     built: dict[str, Any] = {}
+    sources: dict[str, _Source] = {}
     for section in SCHEMA.values():
         values: dict[str, Any] = {}
         for spec in section.keys:
             dotted = f"{section.name}.{spec.name}"
             variable = env_values.get(dotted)
             if variable is not None:
-                prefix, raw, read = f"{variable}: ", environ[variable], _from_env
+                origin = _Source(f"{variable}: {dotted}", environ[variable], True, spec.secret)
+                read = _from_env
             elif dotted in file_values:
-                prefix, raw, read = "", file_values[dotted], _from_toml
+                origin, read = _Source(dotted, file_values[dotted], True, spec.secret), _from_toml
             else:
-                prefix, raw, read = "", spec.default_value(), _as_default
-                dotted = f"{dotted} (default)"
+                origin = _Source(f"{dotted} (default)", spec.default_value(), False, spec.secret)
+                read = _as_default
+            sources[dotted] = origin
             try:
-                allowed = choices.get(f"{section.name}.{spec.name}", spec.choices)
-                values[spec.name] = _validate_key(spec, raw, read, allowed)
+                allowed = choices.get(dotted, spec.choices)
+                values[spec.name] = _validate_key(spec, origin.raw, read, allowed)
             except DurationError as error:
-                problems.append(f"{prefix}{dotted} = {_show(raw)}: {error}")
+                problems.append(f"{origin.where()}: {error}")
             except _Invalid as error:
-                advice = f"; set {section.name}.{spec.name} explicitly" if read is _as_default else ""
+                advice = f"; set {dotted} explicitly" if read is _as_default else ""
                 for subscript, item, message in error.findings:
-                    value_text = _show(raw if item is _WHOLE else item)
-                    problems.append(f"{prefix}{dotted}{subscript} = {value_text}: {message}{advice}")
+                    problems.append(f"{origin.where(subscript, item)}: {message}{advice}")
         built[section.name] = values
 
-    _check_across_sections(built, problems)
+    _check_across_sections(built, sources, problems)
     if problems:
         raise ConfigError(problems)
     # NOTE: Config has one field per built-in section; a section added to
@@ -377,11 +413,20 @@ def check_config(path: str | os.PathLike[str] | None, *,
                         f"less than engine.lease_ttl ({format_duration(engine.lease_ttl)}); one slow store request "
                         "can last longer than the leader lease, so lower request_timeout")
     listen_host, _ = _split_host_port(config.transport.listen)
-    remote_store = any(not _is_loopback(urlsplit(url).hostname or "") for url in config.storage.endpoints)
+    hosts = [store_host(url) for url in config.storage.endpoints]
+    remote_store = any(host is not None and not _is_loopback(host) for host in hosts)
     if remote_store and _is_loopback(listen_host) and not config.transport.advertise:
         warnings.append(f'transport.listen = "{config.transport.listen}" accepts only local connections but the '
                         "store is on another machine; an engine elsewhere cannot reach this agent, so listen on "
                         "a reachable address or 0.0.0.0")
+    for index, (url, host) in enumerate(zip(config.storage.endpoints, hosts)):
+        parts = urlsplit(url)
+        if parts.scheme in ("http", "redis") and host is not None and not _is_loopback(host) and (
+                config.storage.password or parts.password):
+            secure = "https" if parts.scheme == "http" else "rediss"
+            warnings.append(f"storage.endpoints[{index}] = {_show(url)} is not encrypted and the store is on "
+                            f"another machine, so the store password travels in plaintext; use {secure}:// "
+                            "(with storage.ca_file if the store's certificate is not signed by a system CA)")
     try:
         config.runtime.resolved_unit_directory(environ)
     except ConfigError as error:
@@ -446,8 +491,34 @@ def _env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section.upper()}_{key.upper()}"
 
 
-def _check_across_sections(sections: dict[str, dict[str, Any]], problems: list[str]) -> None:
-    """Append problems that involve several keys, skipping keys that failed their own check."""
+@dataclass(frozen=True)
+class _Source:
+    """Where the value of one key came from, for messages.
+
+    `label` is the dotted key, prefixed with the environment variable that set
+    it or followed by "(default)"; `raw` is the value as written; `given`
+    tells whether the file or the environment set it.
+    """
+
+    label: str
+    raw: Any
+    given: bool
+    secret: bool = False
+
+    def where(self, subscript: str = "", item: Any = _WHOLE) -> str:
+        """Return 'label[subscript] = value' with passwords masked."""
+        value = self.raw if item is _WHOLE else item
+        shown = _show("***") if self.secret and value != "" else _show(value)
+        return f"{self.label}{subscript} = {shown}"
+
+
+def _check_across_sections(sections: dict[str, dict[str, Any]], sources: Mapping[str, _Source],
+                           problems: list[str]) -> None:
+    """Append problems that involve several keys, skipping keys that failed their own check.
+
+    Also fills in values derived from other keys, such as storage.path.
+    """
+    _check_storage(sections["storage"], sections["node"], sources, problems)
     runtime = sections["runtime"]
     if "bus" not in runtime or "unit_directory" not in runtime:
         return
@@ -455,6 +526,84 @@ def _check_across_sections(sections: dict[str, dict[str, Any]], problems: list[s
         _, problem = _derive_unit_directory(runtime["bus"], {})
         if problem:
             problems.append(problem)
+
+
+_STORE_CREDENTIALS = ("username", "password")
+_STORE_TLS = ("ca_file", "cert_file", "key_file")
+
+
+def _check_storage(storage: dict[str, Any], node: dict[str, Any], sources: Mapping[str, _Source],
+                   problems: list[str]) -> None:
+    """Check the [storage] keys against the backend and each other, and derive storage.path."""
+    def source(key: str) -> _Source:
+        return sources[f"storage.{key}"]
+
+    backend = storage.get("backend")
+    endpoints = storage.get("endpoints")
+    networked = sorted(STORE_URLS)
+    if source("endpoints").given and not source("backend").given:
+        names = ", ".join(f'"{name}"' for name in networked)
+        problems.append(f"{source('endpoints').where()}: storage.backend is not set; set it to the store these "
+                        f'endpoints belong to ({names}), since the default backend "embedded" takes no endpoints')
+        backend = None  # what the endpoints are for is unknown: check them against every kind of store URL
+    urls = STORE_URLS.get(backend) if backend is not None else ANY_STORE_URL
+
+    if endpoints is not None:
+        valid = []
+        if backend == "embedded" and endpoints:
+            problems.append(f"{source('endpoints').where()}: the embedded store takes no endpoints; remove "
+                            "storage.endpoints or choose another backend")
+        elif urls is not None and urls is not ANY_STORE_URL and not endpoints:
+            problems.append(f"{source('endpoints').where()}: the {backend} backend needs at least one endpoint; "
+                            f"list the store's URLs, for example endpoints = [{_show(urls.example)}]")
+        elif urls is not None:
+            for index, url in enumerate(endpoints):
+                problem = store_url_problem(url, urls, backend or "")
+                if problem:
+                    problems.append(f"{source('endpoints').where(f'[{index}]', url)}: {problem}")
+                else:
+                    valid.append((index, url))
+        _check_store_url_settings(storage, valid, source, problems)
+
+    if backend == "embedded":
+        for key in (*_STORE_CREDENTIALS, *_STORE_TLS):
+            if storage.get(key):
+                problems.append(f"{source(key).where()}: the embedded store is a local file and takes no "
+                                f"{'credentials' if key in _STORE_CREDENTIALS else 'TLS settings'}; remove "
+                                f"storage.{key} or choose another backend")
+        if storage.get("path") == "" and "state_dir" in node:
+            storage["path"] = os.path.join(node["state_dir"], "store.db")
+    elif backend is not None and storage.get("path"):
+        problems.append(f"{source('path').where()}: storage.path is the file of the embedded store and the "
+                        f'{backend} backend does not use it; remove storage.path or set storage.backend = '
+                        '"embedded"')
+
+    if bool(storage.get("cert_file")) != bool(storage.get("key_file")):
+        have, need = ("cert_file", "key_file") if storage.get("cert_file") else ("key_file", "cert_file")
+        if need in storage:  # skip when the other key failed its own check
+            problems.append(f"{source(have).where()}: storage.{need} is not set; a client certificate needs "
+                            "its private key, so set both storage.cert_file and storage.key_file, or neither")
+
+
+def _check_store_url_settings(storage: dict[str, Any], endpoints: list[tuple[int, str]],
+                              source: Callable[[str], _Source], problems: list[str]) -> None:
+    """Check the valid store URLs (index, url) against the password and TLS keys."""
+    tls_keys = [f"storage.{key}" for key in _STORE_TLS if storage.get(key)]
+    for index, url in endpoints:
+        parts = urlsplit(url)
+        where = source("endpoints").where(f"[{index}]", url)
+        if parts.password is not None and storage.get("password"):
+            problems.append(f"{where}: the URL has a password and storage.password is set too; keep only one "
+                            "of them (storage.password keeps it out of the URL)")
+        if tls_keys and parts.scheme not in TLS_SCHEMES:
+            settings = " and ".join(tls_keys)
+            if parts.scheme == "unix":
+                fix = f"a unix socket does not use TLS; remove {settings} or use a rediss:// URL"
+            else:
+                secure = "https" if parts.scheme == "http" else "rediss"
+                fix = (f"{settings} {'is' if len(tls_keys) == 1 else 'are'} set but this URL does not use "
+                       f"TLS; write {_show(f'{secure}://' + url.split('://', 1)[1])}, or remove {settings}")
+            problems.append(f"{where}: {fix}")
 
 
 def _derive_unit_directory(bus: str, env: Mapping[str, str]) -> tuple[str, str]:

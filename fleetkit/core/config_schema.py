@@ -15,11 +15,12 @@ import dataclasses
 import difflib
 import ipaddress
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from fleetkit.core.durations import format_duration, parse_duration
 
@@ -158,22 +159,27 @@ def _check_optional_path(value: str) -> str:
 
 
 def _check_endpoints(endpoints: list[str]) -> tuple[str, ...]:
-    if not endpoints:
-        _fail('needs at least one endpoint, for example ["http://127.0.0.1:2379"]')
-    findings = []
-    for index, url in enumerate(endpoints):
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:
-            parts, port = None, None
-        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or port is None
-                or parts.path not in ("", "/") or parts.query or parts.fragment):
-            findings.append((f"[{index}]", url, "expected an http:// or https:// URL with host and port, "
-                                                'for example "http://127.0.0.1:2379"'))
-    if findings:
-        raise _Invalid(findings=findings)
+    # Which URLs are valid depends on storage.backend, so the URLs themselves
+    # are checked across keys, in fleetkit.core.config.
     return tuple(endpoints)
+
+
+def _check_existing_file(value: str) -> str:
+    """Check an optional absolute path of a file that must exist. Reads nothing but the file's status."""
+    if not value:
+        return value
+    _check_absolute_path(value)
+    try:
+        status = os.stat(value)
+    except FileNotFoundError:
+        _fail('no such file; give the path of an existing PEM file, or "" for none')
+    except NotADirectoryError:
+        _fail('no such file (a parent is not a directory); give the path of an existing PEM file, or "" for none')
+    except OSError:
+        return value  # unreadable for this user, such as root-only key files: the daemon may still read it
+    if stat.S_ISDIR(status.st_mode):
+        _fail('is a directory; give the path of a PEM file, or "" for none')
+    return value
 
 
 def _check_prefix(value: str) -> str:
@@ -283,13 +289,18 @@ def _toml_key(key: str) -> str:
 
 
 def _mask_url(text: str) -> str:
-    """Replace the password in a URL's user info with "***"."""
-    if "@" not in text or "://" not in text:
+    """Replace the password in a URL's user info with "***".
+
+    The user info is everything between "://" and the last "@", so a password
+    with an unescaped "/" or "@" is masked whole too, and a text that is not a
+    valid URL is masked all the same.
+    """
+    scheme, separator, rest = text.partition("://")
+    if not separator or "@" not in rest:
         return text
-    parts = urlsplit(text)
-    userinfo, _, hostport = parts.netloc.rpartition("@")
+    userinfo, _, hostpath = rest.rpartition("@")
     user, colon, _ = userinfo.partition(":")
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}")) if colon else text
+    return f"{scheme}://{user}:***@{hostpath}" if colon else text
 
 
 def _show(value: Any) -> str:
