@@ -106,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_listing(sub.add_parser("list-machines", help="list machines"),
                  commands.MACHINE_FIELDS, commands.MACHINE_DEFAULT)
 
-    from fleetkit.cli import devcluster
+    from fleetkit.cli import devcluster, storage
 
     devcluster.add_parser(sub)
+    storage.add_parser(sub)
     return parser
 
 
@@ -168,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             from fleetkit.cli import devcluster
 
             return devcluster.run(args)
+        if args.command == "storage":
+            from fleetkit.cli import storage
+
+            return storage.run(args)
         return asyncio.run(_run_client_command(args))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
