@@ -4,8 +4,11 @@ Tests and ``fleetkit dev-cluster`` use one such manager per simulated machine.
 A small shell script, run under ``unshare --mount --propagation private``,
 mounts a tmpfs on ``/run`` inside the namespace and creates
 ``/run/systemd/system`` so that systemd believes the host booted with systemd.
-It then starts a session ``dbus-daemon`` and ``systemd --user`` as its own
-children, records their process ids, and waits. The runtime directory
+It then starts ``systemd --user`` as its child, records its process id, and
+waits. The session bus is the manager's own socket-activated ``dbus.socket``
+and ``dbus.service`` (Debian's dbus-user-session package), as on a real
+machine: a second bus daemon started beside them would lose its socket to
+``dbus.socket`` and drop every client when that unit restarts. The runtime directory
 (``XDG_RUNTIME_DIR``, which contains the bus socket) lives outside ``/run``, so
 clients outside the namespace reach the bus through the shared filesystem.
 
@@ -50,17 +53,15 @@ export XDG_RUNTIME_DIR={runtime}
 export HOME={home}
 export DBUS_SESSION_BUS_ADDRESS=unix:path={runtime}/bus
 cd "$HOME"
-{dbus_daemon} --session --address="$DBUS_SESSION_BUS_ADDRESS" --nofork --nopidfile \\
-    >>{log} 2>&1 &
-echo $! >{pids}/dbus-daemon.pid
-tries=0
-while [ ! -S {runtime}/bus ]; do
-    tries=$((tries + 1))
-    if [ "$tries" -gt 200 ]; then
-        echo "dbus-daemon did not create {runtime}/bus within 10 s" >>{log}
-        exit 1
-    fi
-    sleep 0.05
+# Mask the distribution's default user sockets and timers except the bus:
+# they only add noise to a simulated machine.
+masked="$HOME/.config/systemd/user"
+mkdir -p "$masked"
+for unit in /usr/lib/systemd/user/*.socket /usr/lib/systemd/user/*.timer \\
+        /etc/systemd/user/*.socket /etc/systemd/user/*.timer; do
+    [ -e "$unit" ] || continue
+    case "$(basename "$unit")" in dbus.socket) continue ;; esac
+    ln -sf /dev/null "$masked/$(basename "$unit")"
 done
 {systemd} --user >>{log} 2>&1 &
 echo $! >{pids}/systemd.pid
@@ -113,13 +114,8 @@ class UserManager:
         return self._recorded.get("systemd", (0, 0))[0]
 
     @property
-    def dbus_pid(self) -> int:
-        """Process id of the session ``dbus-daemon``, or 0 before it has started."""
-        return self._recorded.get("dbus-daemon", (0, 0))[0]
-
-    @property
     def pids(self) -> list[int]:
-        """Every process id this manager started: script, dbus-daemon, systemd."""
+        """Every process id this manager started: the script and systemd (which owns the bus daemon)."""
         recorded = [pid for pid, _ in self._recorded.values()]
         return [self._process.pid, *recorded]
 
@@ -132,7 +128,7 @@ class UserManager:
         }
 
     def log_tail(self, lines: int = 20) -> str:
-        """Return the last `lines` lines of the output of dbus-daemon and systemd."""
+        """Return the last `lines` lines of systemd's output."""
         try:
             text = Path(self.log_path).read_text(errors="replace")
         except FileNotFoundError:
@@ -140,7 +136,7 @@ class UserManager:
         return "\n".join(text.splitlines()[-lines:])
 
     def _read_pid_files(self) -> None:
-        for role in ("dbus-daemon", "systemd"):
+        for role in ("systemd",):
             if role in self._recorded:
                 continue
             try:
@@ -181,7 +177,7 @@ class UserManager:
                 pass
 
     async def stop(self, *, timeout: float = 15.0) -> None:
-        """Stop systemd (its units stop first), then dbus-daemon, then the script.
+        """Stop systemd (its units, the bus daemon among them, stop first), then the script.
 
         Each step waits up to `timeout` seconds before SIGKILL. Idempotent.
         """
@@ -190,7 +186,7 @@ class UserManager:
         self._stopped = True
         self._read_pid_files()
 
-        for role in ("systemd", "dbus-daemon"):
+        for role in ("systemd",):
             self._signal(role, signal.SIGTERM)
             if not await self._wait_gone(lambda r=role: not self._alive(r), timeout):
                 logger.warning("%s of user manager %s ignored SIGTERM for %.0f s; sending SIGKILL", role, self.name, timeout)
@@ -232,7 +228,7 @@ class UserManager:
         self._stopped = True
         self._read_pid_files()
 
-        for role in ("systemd", "dbus-daemon"):
+        for role in ("systemd",):
             self._signal(role, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while self._alive(role) and time.monotonic() < deadline:
@@ -257,7 +253,10 @@ class UserManager:
         await self.stop()
 
 
-def _check_prerequisites() -> tuple[str, str, str]:
+USER_BUS_UNITS = ("/usr/lib/systemd/user/dbus.socket", "/lib/systemd/user/dbus.socket")
+
+
+def _check_prerequisites() -> tuple[str, str]:
     if os.geteuid() != 0:
         raise UserManagerError(
             "root is needed to start a private systemd user manager (it mounts a tmpfs on /run "
@@ -266,13 +265,16 @@ def _check_prerequisites() -> tuple[str, str, str]:
     unshare = shutil.which("unshare")
     if unshare is None:
         raise UserManagerError("the unshare command was not found on PATH; install util-linux")
-    dbus_daemon = shutil.which("dbus-daemon")
-    if dbus_daemon is None:
+    if shutil.which("dbus-daemon") is None:
         raise UserManagerError("the dbus-daemon command was not found on PATH; install the dbus-daemon package")
+    if not any(os.path.exists(path) for path in USER_BUS_UNITS):
+        raise UserManagerError(
+            "the user bus units (dbus.socket, dbus.service) are missing; install the dbus-user-session package"
+        )
     systemd = next((path for path in SYSTEMD_CANDIDATES if os.access(path, os.X_OK)), None)
     if systemd is None:
         raise UserManagerError(f"no systemd binary at {' or '.join(SYSTEMD_CANDIDATES)}; install the systemd package")
-    return unshare, dbus_daemon, systemd
+    return unshare, systemd
 
 
 async def _query_system_state(bus_address: str) -> str:
@@ -336,7 +338,7 @@ async def start_user_manager(base_dir: str, *, name: str, ready_timeout: float =
     after stopping what it started.
     The result is also an async context manager that stops the manager on exit.
     """
-    unshare, dbus_daemon, systemd = _check_prerequisites()
+    unshare, systemd = _check_prerequisites()
     directory = Path(base_dir, name).resolve()
     runtime = directory / "runtime"
     home = directory / "home"
@@ -355,7 +357,6 @@ async def start_user_manager(base_dir: str, *, name: str, ready_timeout: float =
             home=shlex.quote(str(home)),
             log=shlex.quote(str(directory / "manager.log")),
             pids=shlex.quote(str(pid_dir)),
-            dbus_daemon=shlex.quote(dbus_daemon),
             systemd=shlex.quote(systemd),
         )
     )
@@ -377,8 +378,5 @@ async def start_user_manager(base_dir: str, *, name: str, ready_timeout: float =
     except BaseException:
         await manager.stop(timeout=5.0)
         raise
-    logger.info(
-        "started user manager %s: systemd pid %d, dbus-daemon pid %d, bus %s",
-        name, manager.systemd_pid, manager.dbus_pid, manager.bus_address,
-    )
+    logger.info("started user manager %s: systemd pid %d, bus %s", name, manager.systemd_pid, manager.bus_address)
     return manager

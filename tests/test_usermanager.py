@@ -39,7 +39,7 @@ async def test_start_reaches_running(user_manager: UserManager):
     state = _systemctl(user_manager, "show", "--property=SystemState", "--value").strip()
 
     assert state in ("running", "degraded")
-    assert user_manager.systemd_pid and user_manager.dbus_pid
+    assert user_manager.systemd_pid
     assert all(_running(pid) for pid in user_manager.pids)
     assert os.stat(user_manager.runtime_dir).st_mode & 0o777 == 0o700
     assert user_manager.bus_address == f"unix:path={user_manager.runtime_dir}/bus"
@@ -66,7 +66,7 @@ async def test_stop_sync_leaves_no_started_process(user_manager: UserManager):
 
     user_manager.stop_sync()
 
-    assert len(started) == 3
+    assert len(started) == 2
     assert [pid for pid in started if _running(pid)] == []
 
 
