@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 RESYNC_INTERVAL = 30.0
 # Seconds to wait before retrying a batch that the runtime rejected.
 RETRY_DELAY = 2.0
+# A converge pass starts once no change arrived for BATCH_SECONDS, or at the
+# latest MAX_BATCH_SECONDS after the first, so each reload covers many units.
+BATCH_SECONDS = 0.03
+MAX_BATCH_SECONDS = 0.3
 
 
 class Agent:
@@ -53,6 +57,7 @@ class Agent:
         self._outbox_removed: set[str] = set()
         self._outbox_ready = asyncio.Event()
         self._adopted = asyncio.Event()
+        self._jobs: asyncio.TaskGroup | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -75,6 +80,7 @@ class Agent:
             attempts.reset()
             try:
                 async with asyncio.TaskGroup() as group:
+                    self._jobs = group
                     group.create_task(self._follow_status_changes())
                     group.create_task(self._resync_loop())
                     group.create_task(self._converge_loop())
@@ -181,7 +187,7 @@ class Agent:
     async def _converge_loop(self) -> None:
         while True:
             await self._dirty.wait()
-            self._dirty.clear()
+            await self._settle()
             if not self._has_snapshot:
                 continue
             try:
@@ -190,6 +196,16 @@ class Agent:
                 log.error("converging failed, retrying in %.0fs: %s", RETRY_DELAY, error)
                 await asyncio.sleep(RETRY_DELAY)
                 self._dirty.set()
+
+    async def _settle(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_BATCH_SECONDS
+        while True:
+            self._dirty.clear()
+            await asyncio.sleep(BATCH_SECONDS)
+            if not self._dirty.is_set() or loop.time() >= deadline:
+                self._dirty.clear()
+                return
 
     def _is_running(self, name: str) -> bool:
         status = self.status.get(name)
@@ -234,22 +250,34 @@ class Agent:
                 if self._is_running(name):
                     to_stop.append(name)
 
+        # Jobs run in the background, so the next batch can be installed while
+        # systemd still works through this one.
         if to_stop:
-            results = await self._runtime.stop(to_stop)
-            self._log_job_failures("stop", results)
+            self._jobs.create_task(self._run_jobs("stop", to_stop))
         if to_start:
             for name in to_start:
                 self._start_requested[name] = desired[name].hash
-            results = await self._runtime.start(to_start)
-            self._log_job_failures("start", results)
-        if to_stop or to_start:
-            await self._refresh(to_stop + to_start)
+            self._jobs.create_task(self._run_jobs("start", to_start))
 
         if removed or replaced or added or to_start or to_stop:
             log.info(
                 "converged: %d removed, %d replaced, %d added, %d started, %d stopped",
                 len(removed), len(replaced), len(added), len(to_start), len(to_stop),
             )
+
+    async def _run_jobs(self, verb: str, names: list[str]) -> None:
+        """Start or stop `names`, then record their states; a failure is logged, not raised."""
+        call = self._runtime.start if verb == "start" else self._runtime.stop
+        try:
+            results = await call(names)
+            self._log_job_failures(verb, results)
+            await self._refresh(names)
+        except RuntimeBackendError as error:
+            log.error("%s of %d units failed: %s", verb, len(names), error)
+            if verb == "start":
+                for name in names:
+                    self._start_requested.pop(name, None)
+            self._dirty.set()
 
     @staticmethod
     def _log_job_failures(verb: str, results: dict[str, str]) -> None:

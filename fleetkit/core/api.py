@@ -8,6 +8,7 @@ A request with invalid input is rejected whole, before anything is written.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -28,6 +29,10 @@ from fleetkit.rpc import transport_pb2, transport_pb2_grpc
 log = logging.getLogger(__name__)
 
 LEADER_QUERY_TIMEOUT = 5.0
+# Unit writes of one request in flight at once.
+MAX_WRITES_IN_FLIGHT = 64
+# Above this many names, one listing of all units is cheaper than a read per name.
+LIST_INSTEAD_OF_GETS = 16
 # Order of desired states: a creating verb never lowers a unit's desired state.
 STATE_RANK = {state: rank for rank, state in enumerate(DESIRED_STATES)}
 
@@ -66,14 +71,19 @@ class ControlServicer(pb_grpc.ControlServicer):
         if problems:
             await _abort_invalid(context, problems)
 
-        for name, unit, revision, verb in prepared:
-            written = await self._guard(
-                context, self._storage.compare_and_swap(keys.unit_key(name), unit.to_json(), expected_revision=revision),
-            )
+        limit = asyncio.Semaphore(MAX_WRITES_IN_FLIGHT)
+
+        async def write(name: str, unit: Unit, revision: int, verb: str) -> pb.UnitResult:
+            async with limit:
+                written = await self._storage.compare_and_swap(
+                    keys.unit_key(name), unit.to_json(), expected_revision=revision,
+                )
             if written is None:
-                results.append(pb.UnitResult(name=name, outcome="skipped", message="changed concurrently; retry"))
-            else:
-                results.append(pb.UnitResult(name=name, outcome=verb))
+                return pb.UnitResult(name=name, outcome="skipped", message="changed concurrently; retry")
+            return pb.UnitResult(name=name, outcome=verb)
+
+        written = await self._guard(context, asyncio.gather(*(write(*item) for item in prepared)))
+        results.extend(written)
         return pb.UnitResults(results=_in_request_order(request.units, results))
 
     def _policy_problems(self, units: list[Unit]) -> list[str]:
@@ -227,12 +237,12 @@ class ControlServicer(pb_grpc.ControlServicer):
         return Unit.from_json(item.value), item.mod_revision
 
     async def _read_units(self, names: list[str]) -> dict[str, tuple[Unit, int]]:
-        found = {}
-        for name in dict.fromkeys(names):
-            record = await self._read_one(name)
-            if record is not None:
-                found[name] = record
-        return found
+        wanted = list(dict.fromkeys(names))
+        if len(wanted) > LIST_INSTEAD_OF_GETS:
+            everything = await self._read_all_units()
+            return {name: everything[name] for name in wanted if name in everything}
+        records = await asyncio.gather(*(self._read_one(name) for name in wanted))
+        return {name: record for name, record in zip(wanted, records) if record is not None}
 
     async def _read_all_units(self) -> dict[str, tuple[Unit, int]]:
         items, _ = await self._storage.list(keys.UNITS)

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 # Engine writes in flight at once; keeps a large reschedule from flooding the store.
 MAX_WRITES_IN_FLIGHT = 64
-# Delay between a change and the pass it triggers, so bursts become one pass.
-DEBOUNCE_SECONDS = 0.02
+# A pass starts once no change arrived for DEBOUNCE_SECONDS, or at the latest
+# MAX_DEBOUNCE_SECONDS after the first change, so a burst of submits becomes one pass.
+DEBOUNCE_SECONDS = 0.05
+MAX_DEBOUNCE_SECONDS = 0.5
 
 # Queues a message on an agent's stream; None ends the stream.
 Sender = Callable[[SnapshotMessage | ChangeMessage | None], None]
@@ -205,9 +207,18 @@ class Engine:
                     await self._wake.wait()
             except TimeoutError:
                 pass
-            await asyncio.sleep(DEBOUNCE_SECONDS)
-            self._wake.clear()
+            await self._settle()
             await self.reconcile()
+
+    async def _settle(self) -> None:
+        """Wait until changes stop arriving for a moment, within a bound."""
+        deadline = self._clock() + MAX_DEBOUNCE_SECONDS
+        while True:
+            self._wake.clear()
+            await asyncio.sleep(DEBOUNCE_SECONDS)
+            if not self._wake.is_set() or self._clock() >= deadline:
+                self._wake.clear()
+                return
 
     def _live_machines(self) -> dict[str, Machine]:
         now = self._clock()
