@@ -9,6 +9,7 @@ what systemd itself reports (`Node.unit_property`).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -39,6 +40,8 @@ class Node:
     config_path: Path
     process: asyncio.subprocess.Process | None = None
     log_files: list = field(default_factory=list)
+    # Transport port, metadata, lease TTL and agent TTL, to write the config again.
+    config_args: tuple = ()
 
     @property
     def endpoint(self) -> str:
@@ -119,6 +122,18 @@ class Node:
         return {line.split()[0] for line in stdout.decode().splitlines() if line.strip()}
 
 
+def storage_section(config) -> str:
+    """Return the TOML lines of a ``[storage]`` table for a `StorageConfig`."""
+    lines = [f"backend = {json.dumps(config.backend)}", f"prefix = {json.dumps(config.prefix)}"]
+    if config.endpoints:
+        lines.append(f"endpoints = {json.dumps(list(config.endpoints))}")
+    for key in ("username", "password", "ca_file", "cert_file", "key_file", "path"):
+        value = getattr(config, key, "")
+        if value:
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines)
+
+
 class TestCluster:
     """Nodes sharing one etcd; create with `start`, always `close`."""
 
@@ -143,13 +158,25 @@ class TestCluster:
         node_dir.mkdir(parents=True, exist_ok=True)
         manager = await start_user_manager(str(self.directory / "managers"), name=name)
         config_path = node_dir / "cluster.toml"
-        config_path.write_text(node_config(
-            self.directory, name, self.storage_section, free_port(), manager, metadata or {},
-            lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl,
-        ))
         node = Node(name=name, directory=node_dir, manager=manager, config_path=config_path)
+        node.config_args = (free_port(), metadata or {}, lease_ttl, agent_ttl)
+        node.config_path.write_text(self._config_text(node))
         self.nodes[name] = node
         return node
+
+    def _config_text(self, node: Node) -> str:
+        port, metadata, lease_ttl, agent_ttl = node.config_args
+        return node_config(
+            self.directory, node.name, self.storage_section, port, node.manager, metadata,
+            lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl,
+        )
+
+    def set_storage(self, storage_section: str, storage_factory=None) -> None:
+        """Point every node's config at another store; daemons started afterwards use it."""
+        self.storage_section = storage_section
+        self._storage_factory = storage_factory
+        for node in self.nodes.values():
+            node.config_path.write_text(self._config_text(node))
 
     async def start(self) -> None:
         await asyncio.gather(*(node.start() for node in self.nodes.values()))
