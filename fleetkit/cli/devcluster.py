@@ -1,11 +1,11 @@
 """``fleetkit dev-cluster``: a local cluster of real daemons for trying fleetkit and for tests.
 
-``up`` starts one etcd and N daemons on loopback, each node with its own
+``up`` starts one store (etcd by default) and N daemons on loopback, each node with its own
 real systemd user manager in a private mount namespace (this needs root),
 prints the endpoint to use and runs in the foreground until Ctrl-C or
 ``dev-cluster down``. It then stops exactly the processes it started:
 daemons first (their units keep running), then the user managers (which
-stop their units), then etcd.
+stop their units), then the store.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ STATE_FILE = "cluster.json"
 ETCD_READY_TIMEOUT = 20.0
 DAEMON_READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+STORAGE_CHOICES = ("etcd3", "etcd2", "redis", "embedded")
 
 
 def add_parser(sub) -> None:
@@ -37,6 +38,10 @@ def add_parser(sub) -> None:
     up.add_argument("--nodes", type=int, default=3, help="number of machines (default: 3)")
     up.add_argument("--dir", default=DEFAULT_DIR, help=f"working directory (default: {DEFAULT_DIR})")
     up.add_argument("--ready-file", help="write the endpoint to this file once every node is up")
+    up.add_argument(
+        "--storage", choices=STORAGE_CHOICES, default="etcd3",
+        help="storage backend: etcd3 (default), etcd2 (etcd with its v2 API), redis, or embedded (one node only)",
+    )
     down = commands.add_parser("down", help="stop the cluster that 'dev-cluster up' started")
     down.add_argument("--dir", default=DEFAULT_DIR, help=f"working directory (default: {DEFAULT_DIR})")
 
@@ -46,7 +51,11 @@ def run(args) -> int:
         if not 1 <= args.nodes <= 16:
             print(f"error: --nodes {args.nodes} is out of range; use 1 to 16", file=sys.stderr)
             return 2
-        return asyncio.run(_up(args.nodes, Path(args.dir), args.ready_file))
+        if args.storage == "embedded" and args.nodes != 1:
+            print("error: --storage embedded serves one machine only; use --nodes 1, or a networked store "
+                  "such as --storage etcd3", file=sys.stderr)
+            return 2
+        return asyncio.run(_up(args.nodes, Path(args.dir), args.ready_file, args.storage))
     return _down(Path(args.dir))
 
 
@@ -115,7 +124,55 @@ def dev_metadata(index: int) -> dict[str, str]:
     return {"role": "web" if index % 2 else "db", "index": str(index)}
 
 
-async def _start_etcd(directory: Path) -> tuple[asyncio.subprocess.Process, str]:
+async def _wait_for_port(process: asyncio.subprocess.Process, port: int, what: str, log_path: Path) -> None:
+    deadline = time.monotonic() + ETCD_READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise FleetkitError(f"{what} exited with code {process.returncode}; see {log_path}")
+        try:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    process.kill()
+    raise FleetkitError(f"{what} did not listen on 127.0.0.1:{port} within {ETCD_READY_TIMEOUT:.0f}s; see {log_path}")
+
+
+async def _start_store(directory: Path, storage: str) -> tuple[asyncio.subprocess.Process | None, str]:
+    """Start the store of `storage` and return its process and the ``[storage]`` lines for the nodes."""
+    if storage == "embedded":
+        path = directory / "node1" / "state" / "store.db"
+        return None, f'backend = "embedded"\npath = "{path}"'
+    if storage == "redis":
+        process, url = await _start_redis(directory)
+        print(f"redis listening on {url}", file=sys.stderr)
+        return process, f'backend = "redis"\nendpoints = ["{url}"]\nprefix = "/fleetkit/"'
+    process, url = await _start_etcd(directory, enable_v2=storage == "etcd2")
+    print(f"etcd listening on {url}", file=sys.stderr)
+    section = etcd_storage_section(url)
+    return process, section.replace('"etcd3"', '"etcd2"') if storage == "etcd2" else section
+
+
+async def _start_redis(directory: Path) -> tuple[asyncio.subprocess.Process, str]:
+    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.path.exists(redis):
+        raise FleetkitError("redis-server is not installed; install the Debian package redis-server")
+    port = free_port()
+    data = directory / "redis-data"
+    data.mkdir()
+    log_path = directory / "redis.log"
+    log = open(log_path, "ab")
+    process = await asyncio.create_subprocess_exec(
+        redis, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
+        "--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction",
+        stdout=log, stderr=log, start_new_session=True,
+    )
+    await _wait_for_port(process, port, "redis-server", log_path)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+async def _start_etcd(directory: Path, *, enable_v2: bool = False) -> tuple[asyncio.subprocess.Process, str]:
     etcd = shutil.which("etcd") or "/usr/bin/etcd"
     if not os.path.exists(etcd):
         raise FleetkitError("etcd is not installed; install the Debian package etcd-server")
@@ -127,21 +184,11 @@ async def _start_etcd(directory: Path) -> tuple[asyncio.subprocess.Process, str]
         etcd, "--name", "dev", "--data-dir", str(directory / "etcd-data"),
         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"dev={peer_url}",
+        "--initial-cluster", f"dev={peer_url}", *(["--enable-v2"] if enable_v2 else []),
         stdout=log, stderr=log, start_new_session=True,
     )
-    deadline = time.monotonic() + ETCD_READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.returncode is not None:
-            raise FleetkitError(f"etcd exited with code {process.returncode}; see {directory / 'etcd.log'}")
-        try:
-            _reader, writer = await asyncio.open_connection("127.0.0.1", client_port)
-            writer.close()
-            return process, client_url
-        except OSError:
-            await asyncio.sleep(0.1)
-    process.kill()
-    raise FleetkitError(f"etcd did not listen on {client_url} within {ETCD_READY_TIMEOUT:.0f}s")
+    await _wait_for_port(process, client_port, "etcd", directory / "etcd.log")
+    return process, client_url
 
 
 async def _wait_for_socket(path: Path, process: asyncio.subprocess.Process, log_path: Path) -> None:
@@ -168,7 +215,7 @@ async def _terminate(process: asyncio.subprocess.Process, what: str) -> None:
         await process.wait()
 
 
-async def _up(nodes: int, directory: Path, ready_file: str | None) -> int:
+async def _up(nodes: int, directory: Path, ready_file: str | None, storage: str = "etcd3") -> int:
     from fleetkit.usermanager import start_user_manager
 
     if os.geteuid() != 0:
@@ -192,14 +239,13 @@ async def _up(nodes: int, directory: Path, ready_file: str | None) -> int:
 
     managers = []
     daemons: list[tuple[str, asyncio.subprocess.Process]] = []
-    etcd = None
+    store = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        etcd, etcd_url = await _start_etcd(directory)
-        print(f"etcd listening on {etcd_url}", file=sys.stderr)
+        store, section = await _start_store(directory, storage)
         for index in range(1, nodes + 1):
             manager = await start_user_manager(str(directory / "managers"), name=f"node{index}")
             managers.append(manager)
@@ -209,7 +255,7 @@ async def _up(nodes: int, directory: Path, ready_file: str | None) -> int:
             node_dir.mkdir(parents=True, exist_ok=True)
             config_path = node_dir / "cluster.toml"
             config_path.write_text(node_config(
-                directory, f"node{index}", etcd_storage_section(etcd_url), free_port(), manager, dev_metadata(index),
+                directory, f"node{index}", section, free_port(), manager, dev_metadata(index),
             ))
             log_path = node_dir / "daemon.log"
             log = open(log_path, "ab")
@@ -224,7 +270,7 @@ async def _up(nodes: int, directory: Path, ready_file: str | None) -> int:
 
         endpoint = f"unix://{directory / 'node1' / 'fleetkit.sock'}"
         state_path.write_text(json.dumps({
-            "pid": os.getpid(), "endpoint": endpoint, "etcd": etcd_url,
+            "pid": os.getpid(), "endpoint": endpoint, "storage": storage,
             "nodes": {name: {"daemon_pid": process.pid, "config": str(directory / name / "cluster.toml"),
                              "bus": managers[i].bus_address, "manager_pids": managers[i].pids}
                       for i, (name, process) in enumerate(daemons)},
@@ -246,8 +292,8 @@ async def _up(nodes: int, directory: Path, ready_file: str | None) -> int:
             await _terminate(process, f"daemon {name}")
         for manager in managers:
             await manager.stop()
-        if etcd is not None:
-            await _terminate(etcd, "etcd")
+        if store is not None:
+            await _terminate(store, storage)
         state_path.unlink(missing_ok=True)
 
 
