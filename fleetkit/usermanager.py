@@ -53,6 +53,14 @@ export XDG_RUNTIME_DIR={runtime}
 export HOME={home}
 export DBUS_SESSION_BUS_ADDRESS=unix:path={runtime}/bus
 cd "$HOME"
+# Give this manager cgroups of its own. Several managers that share one cgroup
+# create the same sub-cgroups (app.slice/dbus.service, ...), and stopping a
+# unit in one of them then kills the same-named unit of every other manager.
+for hierarchy in {cgroup_roots}; do
+    [ -d "$hierarchy" ] || continue
+    mkdir -p "$hierarchy/{cgroup}"
+    echo $$ >"$hierarchy/{cgroup}/cgroup.procs"
+done
 # Mask the distribution's default user sockets and timers except the bus:
 # they only add noise to a simulated machine.
 masked="$HOME/.config/systemd/user"
@@ -102,6 +110,8 @@ class UserManager:
         # Pid to start time; filled from the files the script writes.
         self._recorded: dict[str, tuple[int, int]] = {}
         self._stopped = False
+        # The manager's own cgroup directories, removed once it stopped.
+        self.cgroups: list[str] = []
 
     @property
     def script_pid(self) -> int:
@@ -207,6 +217,8 @@ class UserManager:
                     f"namespace script {self._process.pid} of user manager {self.name} survived SIGKILL for 5 s; "
                     "check it with ps, it may be stuck in the kernel"
                 ) from exc
+        for cgroup in self.cgroups:
+            await asyncio.to_thread(_remove_cgroup_tree, cgroup)
 
     @staticmethod
     async def _wait_gone(is_gone, timeout: float) -> bool:
@@ -245,12 +257,39 @@ class UserManager:
         except ChildProcessError:
             # Already reaped by the event loop's child watcher.
             pass
+        for cgroup in self.cgroups:
+            _remove_cgroup_tree(cgroup)
 
     async def __aenter__(self) -> UserManager:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop()
+
+
+def cgroup_roots() -> list[str]:
+    """Return the cgroup hierarchies that systemd tracks processes in: the unified one and name=systemd."""
+    if os.path.exists("/sys/fs/cgroup/cgroup.procs"):
+        return ["/sys/fs/cgroup"]
+    return [root for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd") if os.path.isdir(root)]
+
+
+def _remove_cgroup_tree(path: str, *, timeout: float = 3.0) -> None:
+    """Remove a cgroup directory and its children, deepest first, once their last processes are gone.
+
+    The kernel empties a cgroup a moment after its last process was reaped,
+    so this retries until `timeout`; a cgroup still busy then is left behind.
+    """
+    deadline = time.monotonic() + timeout
+    while os.path.isdir(path):
+        for current, _directories, _files in sorted(os.walk(path), key=lambda entry: -entry[0].count("/")):
+            try:
+                os.rmdir(current)
+            except OSError:
+                pass
+        if not os.path.isdir(path) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
 
 
 USER_BUS_UNITS = ("/usr/lib/systemd/user/dbus.socket", "/lib/systemd/user/dbus.socket")
@@ -350,6 +389,7 @@ async def start_user_manager(base_dir: str, *, name: str, ready_timeout: float =
     for stale in pid_dir.glob("*.pid"):
         stale.unlink()
 
+    manager_cgroup = f"fleetkit-um-{name}-{os.getpid()}-{int(time.monotonic() * 1000)}"
     script = directory / "start-manager.sh"
     script.write_text(
         _SCRIPT.format(
@@ -358,6 +398,8 @@ async def start_user_manager(base_dir: str, *, name: str, ready_timeout: float =
             log=shlex.quote(str(directory / "manager.log")),
             pids=shlex.quote(str(pid_dir)),
             systemd=shlex.quote(systemd),
+            cgroup=manager_cgroup,
+            cgroup_roots=" ".join(shlex.quote(root) for root in cgroup_roots()),
         )
     )
     log_file = open(directory / "manager.log", "ab")
@@ -373,6 +415,7 @@ async def start_user_manager(base_dir: str, *, name: str, ready_timeout: float =
         log_file.close()
 
     manager = UserManager(name, directory, process)
+    manager.cgroups = [os.path.join(root, manager_cgroup) for root in cgroup_roots()]
     try:
         await _wait_ready(manager, process, ready_timeout)
     except BaseException:

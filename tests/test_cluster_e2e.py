@@ -62,7 +62,7 @@ async def test_leader_kill_keeps_units_running(cluster_factory, tmp_path):
     listing = await cluster.cli("list-units", "--output", "json", endpoint=cluster.nodes[leader].endpoint)
     assert listing.code == 0, listing.stderr
     after = await main_pids(cluster, found)
-    assert after == before
+    assert after == before, cluster.logs()
 
 
 async def test_stopped_agent_units_move(cluster_factory, tmp_path):

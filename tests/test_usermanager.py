@@ -95,3 +95,27 @@ async def test_start_without_root_raises(tmp_path, monkeypatch):
 
     with pytest.raises(FleetkitError, match="root is needed"):
         await start_user_manager(str(tmp_path), name="m")
+
+
+async def test_managers_do_not_share_units(user_manager_factory):
+    first = await user_manager_factory("first")
+    second = await user_manager_factory("second")
+    runtimes = []
+    for manager in (first, second):
+        runtime = SystemdRuntime(manager.bus_address, manager.unit_directory)
+        await runtime.connect()
+        await runtime.install({"same.service": ("[Service]\nExecStart=/bin/sleep 3600\n", "h")})
+        assert await runtime.start(["same.service"]) == {"same.service": "done"}
+        runtimes.append(runtime)
+    first_pid = await runtimes[0].main_pid("same.service")
+
+    await runtimes[1].stop(["same.service"])
+    await runtimes[1].close()
+    await second.stop()
+    status = await runtimes[0].statuses(["same.service"])
+    pid_after = await runtimes[0].main_pid("same.service")
+    await runtimes[0].close()
+
+    assert status["same.service"].active_state == "active"
+    assert pid_after == first_pid
+    assert all(not os.path.exists(cgroup) for cgroup in second.cgroups)
