@@ -29,17 +29,15 @@ def harness_class(backend: str):
 pytest_plugins = ["fleetkit.testing.etcd", "fleetkit.testing.systemd"]
 
 
-@pytest.fixture
-async def cluster_factory(etcd_factory):
-    """Yield ``make(nodes={name: metadata})``, which starts etcd and a cluster; all stop at teardown."""
+@contextlib.asynccontextmanager
+async def cluster_maker(prefix: str):
+    """Yield ``make(cluster, nodes, **options)``, which adds and starts the nodes; every cluster closes on exit."""
     clusters: list[TestCluster] = []
     # Short path: unix socket addresses are limited to 108 bytes.
-    directory = Path(tempfile.mkdtemp(prefix="fk-c-"))
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
 
-    async def make(nodes: dict[str, dict[str, str]], **node_options) -> TestCluster:
-        etcd = etcd_factory()
-        cluster = TestCluster(directory / f"c{len(clusters)}", etcd.client_url)
-        cluster.etcd = etcd
+    async def make(build, nodes: dict[str, dict[str, str]], **node_options) -> TestCluster:
+        cluster = build(directory / f"c{len(clusters)}")
         clusters.append(cluster)
         for name, metadata in nodes.items():
             await cluster.add_node(name, metadata, **node_options)
@@ -52,6 +50,23 @@ async def cluster_factory(etcd_factory):
         for cluster in clusters:
             await cluster.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def cluster_factory(etcd_factory):
+    """Yield ``make(nodes={name: metadata})``, which starts etcd and a cluster on it; all stop at teardown."""
+    async with cluster_maker("fk-c-") as make_cluster:
+        async def make(nodes: dict[str, dict[str, str]], **node_options) -> TestCluster:
+            etcd = etcd_factory()
+
+            def build(directory: Path) -> TestCluster:
+                cluster = TestCluster(directory, etcd.client_url)
+                cluster.etcd = etcd
+                return cluster
+
+            return await make_cluster(build, nodes, **node_options)
+
+        yield make
 
 
 @pytest.fixture
@@ -67,26 +82,18 @@ async def store_factory():
 @pytest.fixture
 async def backend_cluster_factory(store_factory):
     """Yield ``make(backend, nodes)``: a cluster on a fresh store of `backend`; all stop at teardown."""
-    clusters: list[TestCluster] = []
-    directory = Path(tempfile.mkdtemp(prefix="fk-b-"))
+    async with cluster_maker("fk-b-") as make_cluster:
+        async def make(backend: str, nodes: dict[str, dict[str, str]], **node_options) -> TestCluster:
+            harness = await store_factory(backend)
 
-    async def make(backend: str, nodes: dict[str, dict[str, str]], **node_options) -> TestCluster:
-        harness = await store_factory(backend)
-        config = harness.storage_config("/fleetkit/")
-        cluster = TestCluster(
-            directory / f"c{len(clusters)}", storage_section=storage_section(config),
-            storage_factory=lambda: harness.new_storage("/fleetkit/"),
-        )
-        cluster.harness = harness
-        clusters.append(cluster)
-        for name, metadata in nodes.items():
-            await cluster.add_node(name, metadata, **node_options)
-        await cluster.start()
-        return cluster
+            def build(directory: Path) -> TestCluster:
+                cluster = TestCluster(
+                    directory, storage_section=storage_section(harness.storage_config("/fleetkit/")),
+                    storage_factory=lambda: harness.new_storage("/fleetkit/"),
+                )
+                cluster.harness = harness
+                return cluster
 
-    try:
+            return await make_cluster(build, nodes, **node_options)
+
         yield make
-    finally:
-        for cluster in clusters:
-            await cluster.close()
-        shutil.rmtree(directory, ignore_errors=True)
