@@ -35,7 +35,7 @@ public_ip = "192.0.2.10"
 state_dir = "/srv/fleetkit"
 
 [storage]
-backend = "etcd3"
+backend = "etcd2"
 endpoints = ["http://127.0.0.1:2379", "https://127.0.0.2:22379"]
 prefix = "/cluster-a/"
 dial_timeout = "2s"
@@ -364,7 +364,7 @@ def storage(**keys) -> dict:
 VALID_STORES = [
     storage(),
     storage(backend="embedded", path="/srv/fleetkit/cluster.db"),
-    storage(backend="etcd3", endpoints=["http://127.0.0.1:2379", "https://[2001:db8::1]:2379/"]),
+    storage(backend="etcd2", endpoints=["http://127.0.0.1:2379", "https://[2001:db8::1]:2379/"]),
     storage(backend="etcd2", endpoints=["http://etcd.example:2379"], username="fleet", password="pw"),
     storage(backend="redis", endpoints=["redis://127.0.0.1:6379", "redis://10.0.0.2:6379/3"]),
     storage(backend="redis", endpoints=["rediss://cache.example:6380/0"]),
@@ -465,8 +465,8 @@ STORAGE_ERRORS = [
     (storage(backend="etcd3", endpoints=["http://root:hunter2@127.0.0.1:2379"], password="hunter3"),
      ['storage.endpoints[0] = "http://root:***@127.0.0.1:2379": the URL has a password and storage.password is '
       "set too; keep only one of them (storage.password keeps it out of the URL)"]),
-    (storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], path="/srv/store.db"),
-     ['storage.path = "/srv/store.db": storage.path is the file of the embedded store and the etcd3 backend does '
+    (storage(backend="etcd2", endpoints=["https://127.0.0.1:2379"], path="/srv/store.db"),
+     ['storage.path = "/srv/store.db": storage.path is the file of the embedded store and the etcd2 backend does '
       'not use it; remove storage.path or set storage.backend = "embedded"']),
     (storage(password="hunter2"),
      ['storage.password = "***": the embedded store is a local file and takes no credentials; remove '
@@ -575,7 +575,7 @@ def test_storage_password_with_slash_masked_whole():
 
 
 def test_storage_tls_files(pem):
-    data = storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], ca_file=pem("ca.pem"),
+    data = storage(backend="etcd2", endpoints=["https://127.0.0.1:2379"], ca_file=pem("ca.pem"),
                    cert_file=pem("client.pem"), key_file=pem("client-key.pem"))
 
     config = parse_config(data, env={}, source="test")
@@ -593,7 +593,7 @@ def test_storage_rediss_without_ca_file_uses_system_cas():
 
 def test_storage_ca_file_with_http_suggests_https(pem):
     ca = pem("ca.pem")
-    data = storage(backend="etcd3", endpoints=["https://10.0.0.1:2379", "http://root:hunter2@10.0.0.2:2379"],
+    data = storage(backend="etcd2", endpoints=["https://10.0.0.1:2379", "http://root:hunter2@10.0.0.2:2379"],
                    ca_file=ca)
 
     problems = problems_of(data)
@@ -619,14 +619,14 @@ def test_storage_client_cert_with_redis_suggests_rediss(pem):
 @pytest.mark.parametrize(("have", "need"), [("cert_file", "key_file"), ("key_file", "cert_file")])
 def test_storage_cert_and_key_go_together(pem, have, need):
     path = pem("x.pem")
-    problems = problems_of(storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], **{have: path}))
+    problems = problems_of(storage(backend="etcd2", endpoints=["https://127.0.0.1:2379"], **{have: path}))
 
     assert problems == [f'storage.{have} = "{path}": storage.{need} is not set; a client certificate needs its '
                         "private key, so set both storage.cert_file and storage.key_file, or neither"]
 
 
 def test_storage_tls_file_is_directory(tmp_path):
-    problems = problems_of(storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], ca_file=str(tmp_path)))
+    problems = problems_of(storage(backend="etcd2", endpoints=["https://127.0.0.1:2379"], ca_file=str(tmp_path)))
 
     assert problems == [f'storage.ca_file = "{tmp_path}": is a directory; give the path of a PEM file, or "" for '
                         "none"]
@@ -634,7 +634,7 @@ def test_storage_tls_file_is_directory(tmp_path):
 
 def test_storage_missing_key_file_named(pem):
     cert = pem("c.pem")
-    problems = problems_of(storage(backend="etcd3", endpoints=["https://127.0.0.1:2379"], cert_file=cert,
+    problems = problems_of(storage(backend="etcd2", endpoints=["https://127.0.0.1:2379"], cert_file=cert,
                                    key_file="/nonexistent/k.pem"))
 
     # Only the missing file: the pairing rule skips a key that failed its own check.
@@ -842,7 +842,7 @@ def test_endpoint_address_rejects_bad_form(value, expected):
 
 
 def test_redacted_masks_url_password():
-    data = {"storage": {"backend": "etcd3", "endpoints": ["https://root:hunter2@127.0.0.1:2379"]}}
+    data = {"storage": {"backend": "etcd2", "endpoints": ["https://root:hunter2@127.0.0.1:2379"]}}
     config = parse_config(data, env={}, source="test")
 
     display = config.redacted()
@@ -905,7 +905,7 @@ def test_check_config_warns_plaintext_password(tmp_path, text, warned):
 @pytest.mark.parametrize("text", [
     'backend = "etcd3"\nendpoints = ["http://192.0.2.1:2379"]',
     'backend = "etcd3"\nendpoints = ["http://127.0.0.1:2379"]\npassword = "pw"',
-    'backend = "etcd3"\nendpoints = ["https://192.0.2.1:2379"]\npassword = "pw"',
+    'backend = "etcd2"\nendpoints = ["https://192.0.2.1:2379"]\npassword = "pw"',
     'backend = "redis"\nendpoints = ["rediss://192.0.2.1:6379"]\npassword = "pw"',
     'backend = "redis"\nendpoints = ["unix:///run/redis.sock"]\npassword = "pw"',
     'backend = "redis"\nendpoints = ["redis://localhost:6379"]\npassword = "pw"',

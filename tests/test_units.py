@@ -475,3 +475,17 @@ def test_parse_fleet_options_directly():
 @pytest.mark.parametrize("option", [*KNOWN_OPTIONS, *OPTION_ALIASES])
 def test_every_fleet_option_is_documented(option):
     assert f"`{option}`" in DOCS.read_text()
+
+
+@pytest.mark.parametrize("section", ["X-Flet", "X-fleet", "X-Fleets"])
+def test_misspelt_fleet_section_rejected(section):
+    text = f"[Service]\nExecStart=/bin/true\n\n[{section}]\nGlobal=true\n"
+
+    with pytest.raises(UnitError, match=r"misspelt \[X-Fleet\]"):
+        make_unit("typo.service", text)
+
+
+def test_other_x_sections_allowed():
+    unit = make_unit("custom.service", "[Service]\nExecStart=/bin/true\n\n[X-Deploy]\nTeam=web\n")
+
+    assert unit.unit_file.values("X-Deploy", "Team") == ["web"]

@@ -22,6 +22,12 @@ def grpc_target(endpoint: str) -> str:
                 code="INVALID_ARGUMENT",
             )
         return f"unix:{path}"
+    if "://" in endpoint:
+        raise ApiError(
+            f"endpoint {endpoint!r} is invalid: the only URL form is unix:///path/to/fleetkit.sock; "
+            "for TCP give host:port without a scheme",
+            code="INVALID_ARGUMENT",
+        )
     host, separator, port = endpoint.rpartition(":")
     if not separator or not host or not port.isdigit():
         raise ApiError(
@@ -61,6 +67,11 @@ class ControlClient:
             message = (
                 f"cannot reach the fleetkit daemon at {self.endpoint}: {error.details()}; "
                 "check that the daemon runs and pass --endpoint or set FLEETKIT_ENDPOINT"
+            )
+        elif code is grpc.StatusCode.UNIMPLEMENTED:
+            message = (
+                f"the server at {self.endpoint} is not a fleetkit daemon (it does not serve fleetkit's control API); "
+                "check --endpoint or FLEETKIT_ENDPOINT"
             )
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
             message = f"the fleetkit daemon at {self.endpoint} did not answer within {self._timeout:.0f}s"

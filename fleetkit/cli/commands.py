@@ -9,6 +9,7 @@ import sys
 from fleetkit.cli.client import ControlClient
 from fleetkit.cli.output import UsageError, machine_legend, metadata_text, parse_fields, render, short_hash
 from fleetkit.cli.wait import wait_for
+from fleetkit.core.errors import ApiError
 from fleetkit.core.units import UnitName, mangle_unit_name
 
 UNIT_FIELDS = ("unit", "machine", "active", "sub", "load", "hash", "desired")
@@ -55,15 +56,21 @@ def _read(path: str) -> str:
         raise UsageError(f"cannot read unit file {path}: {error}", exit_code=1) from error
 
 
+def _about(result) -> str:
+    """Return the result's message, prefixed with the unit name unless the message already names it."""
+    message = result.message or result.outcome
+    return message if result.name in message else f"{result.name}: {message}"
+
+
 def _report(results, *, quiet_outcomes=("unchanged",)) -> int:
     """Print one line per non-trivial result; return 1 when any failed."""
     status = 0
     for result in results:
         if result.outcome in FAILED_OUTCOMES:
-            print(f"error: {result.name}: {result.message or result.outcome}", file=sys.stderr)
+            print(f"error: {_about(result)}", file=sys.stderr)
             status = 1
         elif result.message:
-            print(f"warning: {result.name}: {result.message}", file=sys.stderr)
+            print(f"warning: {_about(result)}", file=sys.stderr)
         elif result.outcome not in quiet_outcomes:
             print(f"Unit {result.name} {result.outcome}", file=sys.stderr)
     return status
@@ -89,7 +96,14 @@ async def _block(client, verb: str, names: list[str], args) -> int:
 
 async def create(client: ControlClient, verb: str, args) -> int:
     sources = read_unit_sources(args.units)
-    results = await client.submit(sources, CREATING_VERBS[verb], replace=args.replace)
+    try:
+        results = await client.submit(sources, CREATING_VERBS[verb], replace=args.replace)
+    except ApiError as error:
+        missing = [argument for argument in args.units if os.sep in argument and not os.path.exists(argument)]
+        if missing and error.code == "INVALID_ARGUMENT":
+            notes = "".join(f"\nnote: the file {path} does not exist" for path in missing)
+            raise ApiError(f"{error}{notes}", code=error.code) from None
+        raise
     status = _report(results, quiet_outcomes=("unchanged", "created", "updated", "replaced") if verb != "submit" else ("unchanged",))
     if verb == "submit":
         return status
@@ -115,7 +129,7 @@ async def destroy(client: ControlClient, args) -> int:
         if result.outcome == "destroyed":
             print(f"Destroyed {result.name}")
         else:
-            print(f"error: {result.name}: {result.message or result.outcome}", file=sys.stderr)
+            print(f"error: {_about(result)}", file=sys.stderr)
             status = 1
     return status
 
@@ -191,7 +205,7 @@ async def list_unit_files(client: ControlClient, args) -> int:
                 target = target[:8] + "..."
         rows.append({
             "unit": unit.name, "hash": short_hash(unit.hash, full=args.full), "dstate": unit.desired_state,
-            "state": "-" if is_global else unit.current_state, "target": target,
+            "state": unit.current_state, "target": target,
             "global": "true" if is_global else "false", "desc": unit.description or "-",
         })
         records.append({

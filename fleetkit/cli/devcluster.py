@@ -116,7 +116,7 @@ listen = "unix://{node_dir / 'fleetkit.sock'}"
 
 
 def etcd_storage_section(etcd_url: str) -> str:
-    return f'backend = "etcd3"\nendpoints = ["{etcd_url}"]\nprefix = "/fleetkit/"'
+    return f'backend = "etcd3"\nendpoints = ["{etcd_url}"]\nprefix = "/fleetkit/"\nrequest_timeout = "2s"'
 
 
 def dev_metadata(index: int) -> dict[str, str]:
@@ -147,7 +147,7 @@ async def _start_store(directory: Path, storage: str) -> tuple[asyncio.subproces
     if storage == "redis":
         process, url = await _start_redis(directory)
         print(f"redis listening on {url}", file=sys.stderr)
-        return process, f'backend = "redis"\nendpoints = ["{url}"]\nprefix = "/fleetkit/"'
+        return process, f'backend = "redis"\nendpoints = ["{url}"]\nprefix = "/fleetkit/"\nrequest_timeout = "2s"'
     process, url = await _start_etcd(directory, enable_v2=storage == "etcd2")
     print(f"etcd listening on {url}", file=sys.stderr)
     section = etcd_storage_section(url)

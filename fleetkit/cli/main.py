@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import os
+import re
 import sys
 
 from fleetkit import __version__
@@ -49,8 +51,21 @@ class _SubParsers:
         return self._action.add_parser(name, parents=[self._common], **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose invalid-choice errors suggest the closest choice."""
+
+    def error(self, message: str):
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            choices = re.findall(r"'([^']*)'", found.group(2))
+            close = difflib.get_close_matches(found.group(1), choices, n=1)
+            if close:
+                message = f"{message}; did you mean {close[0]!r}?"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleetkit", description="Schedule systemd units across a cluster.")
+    parser = _Parser(prog="fleetkit", description="Schedule systemd units across a cluster.")
     parser.add_argument("--version", action="version", version=f"fleetkit {__version__}")
     parser.add_argument(
         "--endpoint", default=os.environ.get("FLEETKIT_ENDPOINT", DEFAULT_ENDPOINT),
@@ -62,8 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # The global options are accepted after the command too, as in fleetctl.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--endpoint", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument(
+        "--endpoint", default=argparse.SUPPRESS, help="control API of a daemon (also accepted before the command)",
+    )
+    common.add_argument(
+        "-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS,
+        help="listing format, table or json (also accepted before the command)",
+    )
     sub = _SubParsers(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
 
     daemon = sub.add_parser("daemon", help="run the fleetkit daemon on this machine")
@@ -131,12 +151,16 @@ async def _run_client_command(args) -> int:
 
 
 def _run_daemon(args) -> int:
+    import logging
+
     from fleetkit.core import logs
-    from fleetkit.core.config import load_config
+    from fleetkit.core.config import check_config
     from fleetkit.core.daemon import Daemon, run_until_signalled
 
-    config = load_config(args.config)
+    config, warnings = check_config(args.config)
     logs.configure(args.log_level or config.log.level, args.log_format or config.log.format)
+    for warning in warnings:
+        logging.getLogger("fleetkit.core.config").warning("%s", warning)
     daemon = Daemon(config)
     asyncio.run(run_until_signalled(daemon))
     return EXIT_OK
@@ -157,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
+        print("\nerror: no command given; for example: fleetkit list-units", file=sys.stderr)
         return EXIT_USAGE
     try:
         if args.command == "daemon":

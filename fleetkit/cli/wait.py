@@ -68,7 +68,24 @@ def _evaluate(verb: str, record, states_by_machine: dict[str, object], ips: dict
 
 
 async def wait_for(client: ControlClient, verb: str, names: list[str], *, timeout: float, progress: bool) -> list[Outcome]:
-    """Poll until every unit reached the state of `verb`, one failed, or `timeout` (0 = forever) passed."""
+    """Poll until every unit reached the state of `verb`, one failed, or `timeout` (0 = forever) passed.
+
+    Interrupting the wait (Ctrl-C) changes nothing in the cluster: the units
+    keep the desired state that was already written.
+    """
+    try:
+        return await _poll(client, verb, names, timeout=timeout, progress=progress)
+    except asyncio.CancelledError:
+        if progress:
+            sys.stderr.write("\n")
+        sys.stderr.write(
+            f"stopped waiting; the desired state of {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "
+            "is already stored, see fleetkit list-unit-files\n"
+        )
+        raise
+
+
+async def _poll(client: ControlClient, verb: str, names: list[str], *, timeout: float, progress: bool) -> list[Outcome]:
     deadline = None if timeout <= 0 else time.monotonic() + timeout
     outcomes: dict[str, Outcome] = {}
     while True:
@@ -89,7 +106,8 @@ async def wait_for(client: ControlClient, verb: str, names: list[str], *, timeou
         pending = [outcome for outcome in outcomes.values() if outcome.status == "pending"]
         if progress:
             done = sum(1 for outcome in outcomes.values() if outcome.status == "done")
-            sys.stderr.write(f"\r\033[Kwaiting for {verb}: {done}/{len(names)} done")
+            detail = f"; {pending[0].line}" if pending else ""
+            sys.stderr.write(f"\r\033[Kwaiting for {verb}: {done}/{len(names)} done{detail}"[:200])
             sys.stderr.flush()
         if not pending:
             break

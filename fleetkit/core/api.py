@@ -132,7 +132,9 @@ class ControlServicer(pb_grpc.ControlServicer):
                 template = await self._read_one(name.template)
             if template is not None:
                 return (source.name, instance_from_template(template[0], source.name, desired_state), 0, "created")
-        raise UnitError(f"no unit file was given and no unit {source.name} is stored; pass the path to the unit file")
+        raise UnitError(
+            f"unit {source.name} is not stored and no unit file for it was sent; pass the path of an existing unit file"
+        )
 
     async def SetDesiredState(self, request, context):  # noqa: N802 - gRPC method name
         if request.desired_state not in STATE_RANK:

@@ -455,8 +455,22 @@ def make_unit(name: str, text: str, desired_state: str = INACTIVE) -> Unit:
         unit_file = parse_unit_file(text)
     except UnitError as exc:
         raise UnitError(f"{name}: {exc}") from exc
+    _check_fleet_section_name(name, unit_file)
     options = parse_fleet_options(unit_file, unit_name)
     return Unit(name, unit_file, unit_file.hash(), desired_state, options)
+
+
+def _check_fleet_section_name(name: str, unit_file: UnitFile) -> None:
+    """Reject a section whose name is close to, but not, ``X-Fleet``: its options would be ignored silently."""
+    for section in unit_file.sections():
+        if section == "X-Fleet" or not section.lower().startswith("x-"):
+            continue
+        similarity = difflib.SequenceMatcher(None, section.lower(), "x-fleet").ratio()
+        if similarity >= 0.8:
+            raise UnitError(
+                f"{name}: section [{section}] looks like a misspelt [X-Fleet]; fleetkit reads only [X-Fleet] "
+                "(systemd ignores X- sections), so fix the section name"
+            )
 
 
 def instance_from_template(template: Unit, instance_name: str, desired_state: str = INACTIVE) -> Unit:

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -129,9 +130,14 @@ class Etcd3Storage(Storage):
 
     @classmethod
     def from_config(cls, storage_config: Any) -> Etcd3Storage:
-        """Build the backend from the ``[storage]`` config section."""
+        """Build the backend from the ``[storage]`` config section.
+
+        `username` and `password` apply to every endpoint URL that carries no
+        credentials of its own.
+        """
         return cls(
-            list(storage_config.endpoints),
+            [_with_credentials(url, getattr(storage_config, "username", ""), getattr(storage_config, "password", ""))
+             for url in storage_config.endpoints],
             prefix=storage_config.prefix,
             dial_timeout=storage_config.dial_timeout,
             request_timeout=storage_config.request_timeout,
@@ -490,3 +496,14 @@ class Etcd3Storage(Storage):
         if event.type == rpc.Event.DELETE:
             return WatchEvent(EventType.DELETE, key, None, event.kv.mod_revision)
         return WatchEvent(EventType.PUT, key, bytes(event.kv.value), event.kv.mod_revision)
+
+
+def _with_credentials(url: str, username: str, password: str) -> str:
+    """Return `url` with `username` and `password` in it, unless it has credentials already."""
+    parts = urllib.parse.urlsplit(url)
+    if not username or parts.username:
+        return url
+    credentials = urllib.parse.quote(username, safe="")
+    if password:
+        credentials += ":" + urllib.parse.quote(password, safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{credentials}@{parts.netloc}"))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleetkit.cli.devcluster import etcd_storage_section, free_port, node_config
+from fleetkit.core.durations import format_duration
 from fleetkit.usermanager import UserManager, start_user_manager
 
 DAEMON_READY_TIMEOUT = 30.0
@@ -131,6 +132,8 @@ def storage_section(config) -> str:
         value = getattr(config, key, "")
         if value:
             lines.append(f"{key} = {json.dumps(value)}")
+    for key in ("dial_timeout", "request_timeout"):
+        lines.append(f"{key} = {json.dumps(format_duration(getattr(config, key)))}")
     return "\n".join(lines)
 
 
