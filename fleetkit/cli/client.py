@@ -99,5 +99,8 @@ class ControlClient:
     async def unit_states(self):
         return list((await self._call(self._stub.ListUnitStates, pb.ListRequest())).states)
 
+    async def cluster_status(self):
+        return await self._call(self._stub.GetClusterStatus, pb.ListRequest())
+
     async def machines(self):
         return list((await self._call(self._stub.ListMachines, pb.ListRequest())).machines)

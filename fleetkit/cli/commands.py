@@ -7,7 +7,15 @@ import os
 import sys
 
 from fleetkit.cli.client import ControlClient
-from fleetkit.cli.output import UsageError, machine_legend, metadata_text, parse_fields, render, short_hash
+from fleetkit.cli.output import (
+    UsageError,
+    machine_legend,
+    metadata_text,
+    parse_fields,
+    render,
+    render_table,
+    short_hash,
+)
 from fleetkit.cli.wait import wait_for
 from fleetkit.core.errors import ApiError
 from fleetkit.core.units import UnitName, mangle_unit_name
@@ -238,3 +246,37 @@ async def list_machines(client: ControlClient, args) -> int:
 
 def print_json(value) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+async def cluster_status(client: ControlClient, args) -> int:
+    """Print each node's version, transports and contact, then the migration verdict."""
+    status = await client.cluster_status()
+    if args.output == "json":
+        print_json({
+            "leader": status.leader, "ready": status.ready, "next_stage": status.next_stage,
+            "findings": list(status.findings),
+            "nodes": [{
+                "machine": node.machine, "version": node.version, "transports": list(node.transports),
+                "engine": node.engine, "transport_in_use": node.transport_in_use, "connected": node.connected,
+                "seconds_since_contact": round(node.seconds_since_contact, 1), "leader": node.leader,
+                "advertised": node.advertised,
+            } for node in status.nodes],
+        })
+    else:
+        rows = [{
+            "machine": node.machine + (" *" if node.leader else ""),
+            "version": node.version or "-",
+            "transports": ",".join(node.transports) or "-",
+            "in-use": node.transport_in_use or "-",
+            "engine": "yes" if node.engine else "no",
+            "contact": f"{node.seconds_since_contact:.1f}s ago" if node.connected else "not connected",
+        } for node in status.nodes]
+        print(render_table(rows, ("machine", "version", "transports", "in-use", "engine", "contact"), legend=True))
+        print()
+        print(f"leader: {status.leader or 'none'} (marked *)")
+        verdict = "ready" if status.ready else "not ready"
+        stage = f" for {status.next_stage}" if status.next_stage else ""
+        print(f"verdict: {verdict}{stage}")
+        for finding in status.findings:
+            print(f"  - {finding}")
+    return 1 if args.check and not status.ready else 0

@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_listing(sub.add_parser("list-machines", help="list machines"),
                  commands.MACHINE_FIELDS, commands.MACHINE_DEFAULT)
 
+    cluster = sub.add_parser("cluster", help="cluster-wide views")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND", required=True)
+    cluster_status = cluster_sub.add_parser(
+        "status", parents=[common],
+        help="each node's version, transports and contact, and the transport migration verdict",
+    )
+    cluster_status.add_argument(
+        "--check", action="store_true", help="exit with code 1 when the cluster is not ready for its next stage",
+    )
+
     from fleetkit.cli import devcluster, storage
 
     devcluster.add_parser(sub)
@@ -146,6 +156,7 @@ async def _run_client_command(args) -> int:
             "list-units": commands.list_units,
             "list-unit-files": commands.list_unit_files,
             "list-machines": commands.list_machines,
+            "cluster": commands.cluster_status,
         }[args.command]
         return await handler(client, args)
 

@@ -15,7 +15,9 @@ import os
 import grpc
 
 from fleetkit.core import keys
+from fleetkit.core.cluster_status import NodeView, judge
 from fleetkit.core.election import read_leader
+from fleetkit.core.nodes import read_nodes
 from fleetkit.core.errors import StorageError, StorageUnavailable, UnitError
 from fleetkit.core.states import current_state
 from fleetkit.core.storage import Storage
@@ -227,6 +229,32 @@ class ControlServicer(pb_grpc.ControlServicer):
                 machine=machine.machine.id, ip=machine.machine.ip, metadata=dict(machine.machine.metadata),
                 version=machine.machine.version, connected=machine.connected,
                 seconds_since_contact=machine.seconds_since_contact,
+            ))
+        return reply
+
+    async def GetClusterStatus(self, request, context):  # noqa: N802 - gRPC method name
+        records = await self._guard(context, read_nodes(self._storage))
+        found = await self._guard(context, read_leader(self._storage))
+        leader = found[0].machine if found else ""
+        cluster = await self._cluster_state_or_none()
+        views = {machine: NodeView(machine=machine, record=record) for machine, record in records.items()}
+        for machine in cluster.machines if cluster is not None else ():
+            view = views.setdefault(machine.machine.id, NodeView(machine=machine.machine.id))
+            view.connected = machine.connected
+            view.transport_in_use = "grpc" if machine.connected else ""
+            view.seconds_since_contact = machine.seconds_since_contact
+        verdict = judge(sorted(views.values(), key=lambda view: view.machine), leader)
+
+        reply = pb.ClusterStatus(leader=leader, ready=verdict.ready, next_stage=verdict.next_stage,
+                                 findings=verdict.findings)
+        for view in sorted(views.values(), key=lambda view: view.machine):
+            record = view.record
+            reply.nodes.append(pb.NodeStatus(
+                machine=view.machine, version=record.version if record else "",
+                transports=list(record.transports) if record else [], engine=bool(record and record.engine),
+                transport_in_use=view.transport_in_use, connected=view.connected,
+                seconds_since_contact=view.seconds_since_contact, leader=view.machine == leader,
+                advertised=record is not None,
             ))
         return reply
 

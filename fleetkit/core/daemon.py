@@ -22,6 +22,7 @@ from fleetkit.core.engine import Engine, LeadershipLost
 from fleetkit.core.errors import FleetkitError, StorageError, StorageUnavailable
 from fleetkit.core.hooks import call_safely, plugin_manager
 from fleetkit.core.keyspace import claim_prefix
+from fleetkit.core.nodes import NodeAdvertiser, newer_engines, new_record, read_nodes
 from fleetkit.core.netinfo import detect_public_ip
 from fleetkit.core.retry import Attempts, Backoff
 from fleetkit.core.states import MachineInfo
@@ -74,6 +75,11 @@ class Daemon:
                 group.create_task(serve_api(self.config.api.listen, self.storage, self.host, self.hooks))
                 group.create_task(self.agent.run())
                 group.create_task(self.transport.run_agent(self.agent))
+                record = new_record(
+                    self.machine.id, __version__, (self.transport.name,),
+                    engine=self.config.engine.enabled, address=self.advertise,
+                )
+                group.create_task(NodeAdvertiser(self.storage, record, ttl=self.config.agent.ttl).run())
                 if self.config.engine.enabled:
                     group.create_task(self._lead())
         finally:
@@ -104,6 +110,7 @@ class Daemon:
         election = Election(self.storage, key=keys.LEADER, record=record, ttl=self.config.engine.lease_ttl)
         attempts = Attempts(Backoff(initial=0.5, cap=5.0))
         while True:
+            await self._wait_until_newest_engine()
             try:
                 async with election.leadership() as leadership:
                     log.info("this machine (%s) is the leader; engine serving at %s", self.machine.id, self.advertise)
@@ -115,15 +122,58 @@ class Daemon:
                     self.host.set_engine(engine)
                     call_safely(self.hooks.hook.fleetkit_leadership_changed, machine=self.machine, leading=True)
                     try:
-                        await engine.run()
+                        async with asyncio.TaskGroup() as group:
+                            group.create_task(self._watch_for_newer_engines())
+                            await engine.run()
                     finally:
                         self.host.set_engine(None)
                         call_safely(self.hooks.hook.fleetkit_leadership_changed, machine=self.machine, leading=False)
             except* LeadershipLost as group:
-                log.warning("stopped leading: %s", group.exceptions[0])
+                log.warning("stopped leading: %s", _first_leaf(group))
             except* StorageError as group:
                 log.error("engine stopped by a storage error: %s", group.exceptions[0])
                 await attempts.sleep()
+
+
+    async def _newer_engine(self) -> str:
+        """Return a description of a newer engine candidate in the cluster, or "" when there is none."""
+        try:
+            newer = newer_engines(await read_nodes(self.storage), __version__)
+        except StorageError as error:
+            log.debug("cannot read node records: %s", error)
+            return ""
+        if not newer:
+            return ""
+        return f"machine {newer[0].machine} runs the newer engine version {newer[0].version}"
+
+    async def _wait_until_newest_engine(self) -> None:
+        """Wait while a newer engine candidate is present, so an older engine never takes the leadership."""
+        reported = ""
+        while True:
+            newer = await self._newer_engine()
+            if not newer:
+                if reported:
+                    log.info("no newer engine is present any more; campaigning for leadership")
+                return
+            if newer != reported:
+                log.info("not campaigning for leadership (this is version %s): %s", __version__, newer)
+                reported = newer
+            await asyncio.sleep(self.config.engine.lease_ttl / 2)
+
+    async def _watch_for_newer_engines(self) -> None:
+        """Raise `LeadershipLost` once a newer engine candidate appears, so the leader hands over."""
+        while True:
+            await asyncio.sleep(self.config.engine.lease_ttl / 2)
+            newer = await self._newer_engine()
+            if newer:
+                raise LeadershipLost(f"handing leadership over: {newer}")
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def check_capabilities(storage_class: type, transport_class: type) -> None:

@@ -8,6 +8,8 @@ Keys are relative to ``[storage] prefix``; the backend adds the prefix.
   machine id), written only by the leader, with a fence.
 - ``leader``: the leader record (JSON: machine, address, version), attached
   to the leader's lease.
+- ``nodes/<machine>``: the node record (JSON: version, transports, engine,
+  address), attached to the daemon's own lease of ``[agent] ttl``.
 - ``format``: the layout version (JSON: ``{"fleetkit_format": 1}``), written
   once by the first daemon; it marks the prefix as fleetkit's.
 
@@ -19,6 +21,7 @@ UNITS = "units/"
 SCHEDULE = "schedule/"
 LEADER = "leader"
 FORMAT = "format"
+NODES = "nodes/"
 
 # Prefixes of the state that must survive everything; a store migration copies these.
 PERSISTENT_PREFIXES = (UNITS, SCHEDULE)
@@ -30,6 +33,10 @@ def unit_key(name: str) -> str:
 
 def schedule_key(name: str) -> str:
     return SCHEDULE + name
+
+
+def node_key(machine: str) -> str:
+    return NODES + machine
 
 
 def name_from_key(prefix: str, key: str) -> str:

@@ -64,6 +64,11 @@ class ControlStub:
                 request_serializer=fleetkit_dot_rpc_dot_control__pb2.ListRequest.SerializeToString,
                 response_deserializer=fleetkit_dot_rpc_dot_control__pb2.MachineList.FromString,
                 _registered_method=True)
+        self.GetClusterStatus = channel.unary_unary(
+                '/fleetkit.rpc.Control/GetClusterStatus',
+                request_serializer=fleetkit_dot_rpc_dot_control__pb2.ListRequest.SerializeToString,
+                response_deserializer=fleetkit_dot_rpc_dot_control__pb2.ClusterStatus.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -105,6 +110,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListMachines,
                     request_deserializer=fleetkit_dot_rpc_dot_control__pb2.ListRequest.FromString,
                     response_serializer=fleetkit_dot_rpc_dot_control__pb2.MachineList.SerializeToString,
+            ),
+            'GetClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterStatus,
+                    request_deserializer=fleetkit_dot_rpc_dot_control__pb2.ListRequest.FromString,
+                    response_serializer=fleetkit_dot_rpc_dot_control__pb2.ClusterStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Control:
             '/fleetkit.rpc.Control/ListMachines',
             fleetkit_dot_rpc_dot_control__pb2.ListRequest.SerializeToString,
             fleetkit_dot_rpc_dot_control__pb2.MachineList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetkit.rpc.Control/GetClusterStatus',
+            fleetkit_dot_rpc_dot_control__pb2.ListRequest.SerializeToString,
+            fleetkit_dot_rpc_dot_control__pb2.ClusterStatus.FromString,
             options,
             channel_credentials,
             insecure,

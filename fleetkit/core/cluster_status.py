@@ -1,0 +1,89 @@
+"""The verdict of ``fleetkit cluster status``: where a transport migration stands.
+
+A cluster moves from ``etcd-watch`` through ``hybrid`` to ``grpc`` one node at
+a time. The next stage may start when every node speaks it and every agent
+is connected to the leader; the findings name each node that holds it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fleetkit.core.nodes import NodeRecord, parse_version
+
+STAGES = ("etcd-watch", "hybrid", "grpc")
+
+
+@dataclass
+class NodeView:
+    """What is known about one machine: its record in storage and its agent's connection to the leader."""
+
+    machine: str
+    record: NodeRecord | None = None
+    connected: bool = False
+    transport_in_use: str = ""
+    seconds_since_contact: float = 0.0
+
+
+@dataclass
+class Verdict:
+    ready: bool
+    next_stage: str
+    findings: list[str] = field(default_factory=list)
+
+
+def judge(nodes: list[NodeView], leader: str) -> Verdict:
+    """Return whether the cluster may go on to its next transport stage, and why."""
+    findings: list[str] = []
+    if not leader:
+        findings.append("no leader is elected, so no agent is connected; check the daemons and the store")
+    missing = sorted(node.machine for node in nodes if node.record is None)
+    if missing:
+        findings.append(f"no node record for {', '.join(missing)}: their daemons are stopped or cannot reach the store")
+    disconnected = sorted(node.machine for node in nodes if not node.connected)
+    if leader and disconnected:
+        findings.append(f"agents not connected to the leader: {', '.join(disconnected)}")
+
+    versions: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.record is not None:
+            versions.setdefault(node.record.version, []).append(node.machine)
+    if len(versions) > 1:
+        parts = [f"{version} on {', '.join(sorted(machines))}"
+                 for version, machines in sorted(versions.items(), key=lambda item: parse_version(item[0]))]
+        findings.append(f"versions differ ({'; '.join(parts)}): a rolling upgrade is in progress")
+
+    advertised = [node for node in nodes if node.record is not None]
+    current = _current_stage(advertised)
+    next_stage = "" if current == STAGES[-1] else STAGES[STAGES.index(current) + 1]
+    if next_stage:
+        lacking = sorted(node.machine for node in advertised if next_stage not in node.record.transports)
+        if lacking:
+            findings.append(f"nodes that do not speak {next_stage} yet: {', '.join(lacking)}; upgrade them first")
+    else:
+        off_grpc = sorted(node.machine for node in nodes if node.connected and node.transport_in_use != "grpc")
+        if off_grpc:
+            findings.append(f"agents not on grpc: {', '.join(off_grpc)}")
+
+    ready = not findings
+    if ready:
+        findings.append(
+            f"every node speaks {next_stage} and every agent is connected: ready to move to {next_stage}"
+            if next_stage else "every node and agent uses grpc: no transport migration is pending"
+        )
+    return Verdict(ready=ready, next_stage=next_stage, findings=findings)
+
+
+def _current_stage(nodes: list[NodeView]) -> str:
+    """Return the earliest stage that some node is still limited to."""
+    if not nodes:
+        return STAGES[0]
+    for stage in STAGES:
+        if any(_best_stage(node.record.transports) == stage for node in nodes):
+            return stage
+    return STAGES[-1]
+
+
+def _best_stage(transports: tuple[str, ...]) -> str:
+    known = [STAGES.index(name) for name in transports if name in STAGES]
+    return STAGES[max(known)] if known else STAGES[0]

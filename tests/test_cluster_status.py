@@ -1,0 +1,77 @@
+"""fleetkit cluster status: the verdict rules, and the command against a real cluster."""
+
+from __future__ import annotations
+
+import json
+
+from fleetkit.core.cluster_status import NodeView, judge
+from fleetkit.core.nodes import NodeRecord
+from fleetkit.testing.scenario import wait_until
+
+
+def view(machine, version="0.1.0", transports=("grpc",), connected=True):
+    record = NodeRecord(machine, version, transports) if version else None
+    return NodeView(machine, record, connected=connected, transport_in_use="grpc" if connected else "")
+
+
+def test_all_grpc_is_ready():
+    verdict = judge([view("a"), view("b")], leader="a")
+
+    assert verdict.ready
+    assert verdict.next_stage == ""
+    assert "no transport migration is pending" in verdict.findings[0]
+
+
+def test_disconnected_agent_blocks():
+    verdict = judge([view("a"), view("b", connected=False)], leader="a")
+
+    assert not verdict.ready
+    assert any("b" in finding and "not connected" in finding for finding in verdict.findings)
+
+
+def test_mixed_versions_reported():
+    verdict = judge([view("a", "0.1.0"), view("b", "0.2.0")], leader="a")
+
+    assert not verdict.ready
+    assert any("0.1.0 on a" in finding and "0.2.0 on b" in finding for finding in verdict.findings)
+
+
+def test_etcd_watch_stage_needs_hybrid_everywhere():
+    nodes = [view("a", transports=("etcd-watch", "hybrid")), view("b", transports=("etcd-watch",))]
+
+    verdict = judge(nodes, leader="a")
+
+    assert verdict.next_stage == "hybrid"
+    assert not verdict.ready
+    assert any("do not speak hybrid" in finding and "b" in finding for finding in verdict.findings)
+
+
+def test_missing_record_and_leader_reported():
+    verdict = judge([view("a", version="")], leader="")
+
+    assert not verdict.ready
+    assert any("no leader" in finding for finding in verdict.findings)
+    assert any("no node record for a" in finding for finding in verdict.findings)
+
+
+async def test_cluster_status_command(cluster_factory):
+    cluster = await cluster_factory({"node1": {}, "node2": {}})
+
+    async def settled():
+        result = await cluster.cli("cluster", "status", "--output", "json")
+        status = json.loads(result.stdout) if result.code == 0 else {}
+        return status if status.get("ready") else None
+
+    status = await wait_until(settled, timeout=20)
+    table = await cluster.cli("cluster", "status")
+    await cluster.nodes["node2"].stop()
+    after = await cluster.cli("cluster", "status", "--check", endpoint=cluster.nodes["node1"].endpoint)
+
+    assert status, cluster.logs()
+    assert {node["machine"] for node in status["nodes"]} == {"node1", "node2"}
+    assert all(node["transports"] == ["grpc"] and node["transport_in_use"] == "grpc" for node in status["nodes"])
+    assert sum(1 for node in status["nodes"] if node["leader"]) == 1
+    assert table.code == 0
+    assert "verdict: ready" in table.stdout
+    assert after.code == 1
+    assert "not ready" in after.stdout
