@@ -79,7 +79,7 @@ def node_config(
 ) -> str:
     """Return the TOML config of one loopback-only development node.
 
-    `storage_section` holds the TOML lines of the ``[storage]`` table.
+    `storage_section` contains the TOML lines of the ``[storage]`` table.
     """
     node_dir = directory / name
     metadata_text = ", ".join(f'{key} = "{value}"' for key, value in sorted(metadata.items()))

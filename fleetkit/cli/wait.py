@@ -18,7 +18,7 @@ STOPPED_ACTIVE_STATES = frozenset({"inactive", "failed"})
 
 @dataclass
 class Outcome:
-    """Where one unit stands: done, failed or pending, with a line for the user."""
+    """The state of one unit's wait (done, failed, pending or timeout) and the line to print for it."""
 
     name: str
     status: str

@@ -1,4 +1,4 @@
-"""The verdict of ``fleetkit cluster status``: where a transport migration stands.
+"""The verdict of ``fleetkit cluster status``: how far a transport migration has come.
 
 A cluster moves from ``etcd-watch`` through ``hybrid`` to ``grpc`` one node at
 a time. The next stage may start when every node speaks it and every agent

@@ -1,6 +1,6 @@
 """The engine: the leader's scheduler and the owner of the cluster's transient state.
 
-One engine runs at a time, on the node that holds the leadership. It mirrors
+One engine runs at a time, on the node that has the leadership. It mirrors
 the unit records from storage, keeps machine presence and unit states in
 memory (agents report them over the transport), places units with
 `fleetkit.core.scheduler.plan`, persists the schedule with fenced writes and

@@ -15,7 +15,7 @@ ENTRY_POINT_GROUP = "fleetkit.hooks"
 
 
 def plugin_manager(*, load_entry_points: bool = True, plugins: tuple = ()) -> pluggy.PluginManager:
-    """Return a manager with the hook specifications, the installed plugins (unless told otherwise) and `plugins`.
+    """Return a manager with the hook specifications, the installed plugins (unless `load_entry_points` is False) and `plugins`.
 
     Raises `FleetkitError` naming the plugin when one fails to import or
     implements a hook that has no specification.

@@ -33,7 +33,7 @@ def fleetkit_daemon_started(config, machine) -> None:
 def fleetkit_daemon_stopping(config, machine) -> None:
     """Called when the daemon stops; units keep running.
 
-    Exceptions raised here are logged and ignored, so every plugin is told.
+    Exceptions raised here are logged and ignored, so every plugin is called.
     """
 
 

@@ -2,7 +2,7 @@
 
 A daemon checks the prefix before anything else touches it. A prefix that
 carries the format marker is fleetkit's; an empty one is claimed by writing
-the marker; one that holds other keys is rejected, so a typo in
+the marker; one that contains other keys is rejected, so a typo in
 ``[storage] prefix`` can never make fleetkit read or overwrite another
 application's data.
 """
@@ -33,7 +33,7 @@ def format_marker() -> bytes:
 
 
 async def claim_prefix(storage: Storage, prefix: str) -> None:
-    """Check that `prefix` holds only fleetkit data of a known format, and mark it.
+    """Check that `prefix` contains only fleetkit data of a known format, and mark it.
 
     Raises `StorageError` naming the prefix and an example key when it holds
     foreign data or data of a newer layout; writes nothing in that case.

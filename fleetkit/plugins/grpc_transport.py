@@ -1,7 +1,7 @@
 """The ``grpc`` transport: one bidirectional stream per agent to the leader.
 
 Machine presence and unit states travel only over these streams and live in
-the leader's memory; storage holds just the persistent state. Agents find
+the leader's memory; storage contains only the persistent state. Agents find
 the leader through the leader record and reconnect with backoff when the
 stream breaks, sending their full state again on every new stream.
 """
