@@ -22,9 +22,11 @@ from fleetkit.testing.scenario import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("backend", ["etcd3", "etcd2", "redis"])
-async def test_scenario_and_failover_on_backend(backend_cluster_factory, tmp_path, backend):
-    cluster = await backend_cluster_factory(backend, NODES)
+@pytest.mark.parametrize(("backend", "transport"), [
+    ("etcd3", "grpc"), ("etcd2", "grpc"), ("redis", "grpc"), ("etcd3", "etcd-watch"),
+])
+async def test_scenario_and_failover_on_backend(backend_cluster_factory, tmp_path, backend, transport):
+    cluster = await backend_cluster_factory(backend, NODES, transport=transport)
     found = await start_scenario(cluster, tmp_path)
     check_scenario(found)
     before = await main_pids(cluster, found)

@@ -34,9 +34,10 @@ def test_missing_capability_named():
 
 
 @pytest.mark.parametrize("backend", ["etcd3", "etcd2", "redis", "embedded"])
-def test_builtin_backends_run_grpc(backend):
+@pytest.mark.parametrize("transport", ["grpc", "etcd-watch"])
+def test_builtin_backends_run_transports(backend, transport):
     storage_class = plugins.load_driver(plugins.STORAGE, backend)
-    transport_class = plugins.load_driver(plugins.TRANSPORT, "grpc")
+    transport_class = plugins.load_driver(plugins.TRANSPORT, transport)
 
     check_capabilities(storage_class, transport_class)
 

@@ -75,3 +75,22 @@ async def test_cluster_status_command(cluster_factory):
     assert "verdict: ready" in table.stdout
     assert after.code == 1
     assert "not ready" in after.stdout
+
+
+async def test_cluster_status_on_etcd_watch(backend_cluster_factory):
+    cluster = await backend_cluster_factory("etcd3", {"node1": {}, "node2": {}}, transport="etcd-watch")
+
+    async def settled():
+        result = await cluster.cli("cluster", "status", "--output", "json")
+        status = json.loads(result.stdout) if result.code == 0 else {}
+        connected = [node for node in status.get("nodes", []) if node["connected"]]
+        return status if len(connected) == 2 else None
+
+    status = await wait_until(settled, timeout=20)
+
+    assert status, cluster.logs()
+    assert all(node["transport_in_use"] == "etcd-watch" for node in status["nodes"])
+    assert all(node["transports"] == ["etcd-watch"] for node in status["nodes"])
+    assert status["next_stage"] == "hybrid"
+    assert not status["ready"]
+    assert any("do not speak hybrid" in finding for finding in status["findings"])

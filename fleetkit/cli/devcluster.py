@@ -76,6 +76,7 @@ def node_config(
     lease_ttl: str = "5s",
     reconcile_interval: str = "2s",
     agent_ttl: str = "10s",
+    transport: str = "grpc",
 ) -> str:
     """Return the TOML config of one loopback-only development node.
 
@@ -95,7 +96,7 @@ metadata = {{ {metadata_text} }}
 {storage_section}
 
 [transport]
-mode = "grpc"
+mode = "{transport}"
 listen = "127.0.0.1:{transport_port}"
 
 [engine]

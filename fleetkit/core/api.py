@@ -241,7 +241,7 @@ class ControlServicer(pb_grpc.ControlServicer):
         for machine in cluster.machines if cluster is not None else ():
             view = views.setdefault(machine.machine.id, NodeView(machine=machine.machine.id))
             view.connected = machine.connected
-            view.transport_in_use = "grpc" if machine.connected else ""
+            view.transport_in_use = machine.transport if machine.connected else ""
             view.seconds_since_contact = machine.seconds_since_contact
         verdict = judge(sorted(views.values(), key=lambda view: view.machine), leader)
 

@@ -50,7 +50,7 @@ __all__ = [
 # Backend names accepted by validation. Modules that register more backends add
 # their names to these sets, and parse_config also takes an explicit set per key.
 KNOWN_STORAGE_BACKENDS: set[str] = {"etcd3", "etcd2", "redis", "embedded"}
-KNOWN_TRANSPORT_MODES: set[str] = {"grpc"}
+KNOWN_TRANSPORT_MODES: set[str] = {"grpc", "etcd-watch"}
 KNOWN_RUNTIME_BACKENDS: set[str] = {"systemd"}
 
 MACHINE_ID_PATH = "/etc/machine-id"

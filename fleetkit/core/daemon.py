@@ -28,6 +28,7 @@ from fleetkit.core.retry import Attempts, Backoff
 from fleetkit.core.states import MachineInfo
 from fleetkit.core.storage import Storage
 from fleetkit.core.transport import EngineHost, Transport
+from fleetkit.plugins.grpc_transport import GrpcTransport
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.transport.serve(self.host))
+                if self.transport.name != GrpcTransport.name:
+                    # Daemons that do not lead ask the leader for unit states over gRPC.
+                    group.create_task(GrpcTransport(self.config, self.storage).serve(self.host))
                 group.create_task(serve_api(self.config.api.listen, self.storage, self.host, self.hooks))
                 group.create_task(self.agent.run())
                 group.create_task(self.transport.run_agent(self.agent))

@@ -56,6 +56,7 @@ class MachinePresence:
     states: dict[str, UnitState] = field(default_factory=dict)
     sender: Sender | None = None
     sent: dict[str, DesiredUnit] = field(default_factory=dict)
+    transport: str = ""
 
 
 class Engine:
@@ -108,6 +109,11 @@ class Engine:
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
+    @property
+    def fence(self):
+        """The fence that every write of this engine must carry."""
+        return self._leadership.fence
+
     async def _watch_leadership(self) -> None:
         await self._leadership.wait_lost()
         raise LeadershipLost("leadership lost")
@@ -144,7 +150,9 @@ class Engine:
 
     # -- agents (called by the transport) ----------------------------------
 
-    async def attach_agent(self, info: MachineInfo, states: list[UnitState], sender: Sender) -> None:
+    async def attach_agent(
+        self, info: MachineInfo, states: list[UnitState], sender: Sender, *, transport: str = "grpc",
+    ) -> None:
         """Register a connected agent and send it its snapshot before any change."""
         await self._ready.wait()
         presence = self.machines.get(info.id)
@@ -156,6 +164,7 @@ class Engine:
         presence.last_contact = self._clock()
         presence.states = {state.name: state for state in states}
         presence.sender = sender
+        presence.transport = transport
         self._awaited.discard(info.id)
 
         # Global units apply by metadata and conflicts, so place them for this machine now:
@@ -164,7 +173,10 @@ class Engine:
         desired = self._desired_for(info.id)
         presence.sent = desired
         sender(SnapshotMessage(units=sorted(desired.values(), key=lambda unit: unit.name)))
-        log.info("machine %s connected (%s), %d units desired there", info.id, info.ip or "no ip", len(desired))
+        log.info(
+            "machine %s connected (%s) over %s, %d units desired there",
+            info.id, info.ip or "no ip", transport, len(desired),
+        )
         self.wake()
 
     def report_states(self, machine_id: str, changed: list[UnitState], removed: list[str]) -> None:
@@ -184,7 +196,8 @@ class Engine:
 
     def detach_agent(self, machine_id: str, sender: Sender) -> None:
         presence = self.machines.get(machine_id)
-        if presence is None or presence.sender is not sender:
+        # Bound methods are equal, not identical, when they wrap the same queue.
+        if presence is None or presence.sender != sender:
             return
         presence.connected = False
         presence.sender = None

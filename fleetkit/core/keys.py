@@ -10,6 +10,8 @@ Keys are relative to ``[storage] prefix``; the backend adds the prefix.
   to the leader's lease.
 - ``nodes/<machine>``: the node record (JSON: version, transports, engine,
   address), attached to the daemon's own lease of ``[agent] ttl``.
+- ``machines/<machine>/...``: with the ``etcd-watch`` transport, the units
+  desired on a machine, its presence and its unit states.
 - ``format``: the layout version (JSON: ``{"fleetkit_format": 1}``), written
   once by the first daemon; it marks the prefix as fleetkit's.
 
@@ -22,6 +24,8 @@ SCHEDULE = "schedule/"
 LEADER = "leader"
 FORMAT = "format"
 NODES = "nodes/"
+# The etcd-watch transport's per-machine schedule, presence and states.
+MACHINES = "machines/"
 
 # Prefixes of the state that must survive everything; a store migration copies these.
 PERSISTENT_PREFIXES = (UNITS, SCHEDULE)

@@ -22,7 +22,7 @@ _FORMAT_FIELD = "fleetkit_format"
 def is_fleetkit_key(key: str) -> bool:
     """Return True for keys of fleetkit's layout and for backend-internal keys."""
     return (
-        key.startswith((*keys.PERSISTENT_PREFIXES, keys.NODES))
+        key.startswith((*keys.PERSISTENT_PREFIXES, keys.NODES, keys.MACHINES))
         or key in (keys.LEADER, keys.FORMAT)
         or key.startswith(".")
     )

@@ -157,6 +157,7 @@ def cluster_state_to_pb(leader: str, engine) -> pb.ClusterState:
             units=[state_to_pb(state) for state in presence.states.values()],
             seconds_since_contact=engine.seconds_since_contact(machine_id),
             connected=presence.connected,
+            transport=presence.transport,
         ))
     return reply
 

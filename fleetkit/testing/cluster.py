@@ -41,7 +41,7 @@ class Node:
     config_path: Path
     process: asyncio.subprocess.Process | None = None
     log_files: list = field(default_factory=list)
-    # Transport port, metadata, lease TTL and agent TTL, to write the config again.
+    # Transport port, metadata, lease TTL, agent TTL and transport mode, to write the config again.
     config_args: tuple = ()
 
     @property
@@ -156,22 +156,23 @@ class TestCluster:
 
     async def add_node(
         self, name: str, metadata: dict[str, str] | None = None, *, lease_ttl: str = "4s", agent_ttl: str = "8s",
+        transport: str = "grpc",
     ) -> Node:
         node_dir = self.directory / name
         node_dir.mkdir(parents=True, exist_ok=True)
         manager = await start_user_manager(str(self.directory / "managers"), name=name)
         config_path = node_dir / "cluster.toml"
         node = Node(name=name, directory=node_dir, manager=manager, config_path=config_path)
-        node.config_args = (free_port(), metadata or {}, lease_ttl, agent_ttl)
+        node.config_args = (free_port(), metadata or {}, lease_ttl, agent_ttl, transport)
         node.config_path.write_text(self._config_text(node))
         self.nodes[name] = node
         return node
 
     def _config_text(self, node: Node) -> str:
-        port, metadata, lease_ttl, agent_ttl = node.config_args
+        port, metadata, lease_ttl, agent_ttl, transport = node.config_args
         return node_config(
             self.directory, node.name, self.storage_section, port, node.manager, metadata,
-            lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl,
+            lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl, transport=transport,
         )
 
     def set_storage(self, storage_section: str, storage_factory=None) -> None:
