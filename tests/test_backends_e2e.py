@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(("backend", "transport"), [
-    ("etcd3", "grpc"), ("etcd2", "grpc"), ("redis", "grpc"), ("etcd3", "etcd-watch"),
+    ("etcd3", "grpc"), ("etcd2", "grpc"), ("redis", "grpc"), ("etcd3", "etcd-watch"), ("etcd3", "hybrid"),
 ])
 async def test_scenario_and_failover_on_backend(backend_cluster_factory, tmp_path, backend, transport):
     cluster = await backend_cluster_factory(backend, NODES, transport=transport)

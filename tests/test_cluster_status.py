@@ -9,9 +9,13 @@ from fleetkit.core.nodes import NodeRecord
 from fleetkit.testing.scenario import wait_until
 
 
-def view(machine, version="0.1.0", transports=("grpc",), connected=True):
-    record = NodeRecord(machine, version, transports) if version else None
-    return NodeView(machine, record, connected=connected, transport_in_use="grpc" if connected else "")
+ALL = ("etcd-watch", "grpc", "hybrid")
+
+
+def view(machine, version="0.1.0", mode="grpc", transports=ALL, connected=True, in_use=None):
+    record = NodeRecord(machine, version, transports, mode=mode) if version else None
+    used = in_use if in_use is not None else ("grpc" if mode != "etcd-watch" else "etcd-watch")
+    return NodeView(machine, record, connected=connected, transport_in_use=used if connected else "")
 
 
 def test_all_grpc_is_ready():
@@ -37,13 +41,30 @@ def test_mixed_versions_reported():
 
 
 def test_etcd_watch_stage_needs_hybrid_everywhere():
-    nodes = [view("a", transports=("etcd-watch", "hybrid")), view("b", transports=("etcd-watch",))]
+    nodes = [view("a", mode="etcd-watch"), view("b", mode="etcd-watch", transports=("etcd-watch",))]
 
     verdict = judge(nodes, leader="a")
 
     assert verdict.next_stage == "hybrid"
     assert not verdict.ready
-    assert any("do not speak hybrid" in finding and "b" in finding for finding in verdict.findings)
+    assert any("cannot run hybrid" in finding and "b" in finding for finding in verdict.findings)
+
+
+def test_hybrid_stage_needs_agents_on_grpc():
+    nodes = [view("a", mode="hybrid"), view("b", mode="hybrid", in_use="etcd-watch")]
+
+    verdict = judge(nodes, leader="a")
+
+    assert verdict.next_stage == "grpc"
+    assert not verdict.ready
+    assert any("not on grpc yet: b" in finding for finding in verdict.findings)
+
+
+def test_etcd_watch_stage_ready_when_capable():
+    verdict = judge([view("a", mode="etcd-watch"), view("b", mode="etcd-watch")], leader="a")
+
+    assert verdict.ready
+    assert verdict.next_stage == "hybrid"
 
 
 def test_missing_record_and_leader_reported():
@@ -69,7 +90,8 @@ async def test_cluster_status_command(cluster_factory):
 
     assert status, cluster.logs()
     assert {node["machine"] for node in status["nodes"]} == {"node1", "node2"}
-    assert all(node["transports"] == ["grpc"] and node["transport_in_use"] == "grpc" for node in status["nodes"])
+    assert all(node["mode"] == "grpc" and node["transport_in_use"] == "grpc" for node in status["nodes"])
+    assert all("hybrid" in node["transports"] for node in status["nodes"])
     assert sum(1 for node in status["nodes"] if node["leader"]) == 1
     assert table.code == 0
     assert "verdict: ready" in table.stdout
@@ -90,7 +112,6 @@ async def test_cluster_status_on_etcd_watch(backend_cluster_factory):
 
     assert status, cluster.logs()
     assert all(node["transport_in_use"] == "etcd-watch" for node in status["nodes"])
-    assert all(node["transports"] == ["etcd-watch"] for node in status["nodes"])
+    assert all(node["mode"] == "etcd-watch" for node in status["nodes"])
     assert status["next_stage"] == "hybrid"
-    assert not status["ready"]
-    assert any("do not speak hybrid" in finding for finding in status["findings"])
+    assert status["ready"], status["findings"]

@@ -259,19 +259,20 @@ async def cluster_status(client: ControlClient, args) -> int:
                 "machine": node.machine, "version": node.version, "transports": list(node.transports),
                 "engine": node.engine, "transport_in_use": node.transport_in_use, "connected": node.connected,
                 "seconds_since_contact": round(node.seconds_since_contact, 1), "leader": node.leader,
-                "advertised": node.advertised,
+                "advertised": node.advertised, "mode": node.mode,
             } for node in status.nodes],
         })
     else:
         rows = [{
             "machine": node.machine + (" *" if node.leader else ""),
             "version": node.version or "-",
-            "transports": ",".join(node.transports) or "-",
+            "mode": node.mode or "-",
             "in-use": node.transport_in_use or "-",
+            "can-run": ",".join(node.transports) or "-",
             "engine": "yes" if node.engine else "no",
             "contact": f"{node.seconds_since_contact:.1f}s ago" if node.connected else "not connected",
         } for node in status.nodes]
-        print(render_table(rows, ("machine", "version", "transports", "in-use", "engine", "contact"), legend=True))
+        print(render_table(rows, ("machine", "version", "mode", "in-use", "engine", "contact", "can-run"), legend=True))
         print()
         print(f"leader: {status.leader or 'none'} (marked *)")
         verdict = "ready" if status.ready else "not ready"

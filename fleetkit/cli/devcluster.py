@@ -77,6 +77,7 @@ def node_config(
     reconcile_interval: str = "2s",
     agent_ttl: str = "10s",
     transport: str = "grpc",
+    transport_extra: str = "",
 ) -> str:
     """Return the TOML config of one loopback-only development node.
 
@@ -98,6 +99,7 @@ metadata = {{ {metadata_text} }}
 [transport]
 mode = "{transport}"
 listen = "127.0.0.1:{transport_port}"
+{transport_extra}
 
 [engine]
 lease_ttl = "{lease_ttl}"

@@ -254,7 +254,7 @@ class ControlServicer(pb_grpc.ControlServicer):
                 transports=list(record.transports) if record else [], engine=bool(record and record.engine),
                 transport_in_use=view.transport_in_use, connected=view.connected,
                 seconds_since_contact=view.seconds_since_contact, leader=view.machine == leader,
-                advertised=record is not None,
+                advertised=record is not None, mode=record.mode if record else "",
             ))
         return reply
 

@@ -1,8 +1,10 @@
 """The verdict of ``fleetkit cluster status``: how far a transport migration has come.
 
 A cluster moves from ``etcd-watch`` through ``hybrid`` to ``grpc`` one node at
-a time. The next stage may start when every node speaks it and every agent
-is connected to the leader; the findings name each node that holds it back.
+a time. The current stage is the earliest mode that some node still runs.
+The next stage may start when every node's build can run it and every agent
+is connected to the leader (and, before ``grpc``, every agent already uses
+gRPC); the findings name each node that holds it back.
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def judge(nodes: list[NodeView], leader: str) -> Verdict:
     if next_stage:
         lacking = sorted(node.machine for node in advertised if next_stage not in node.record.transports)
         if lacking:
-            findings.append(f"nodes that do not speak {next_stage} yet: {', '.join(lacking)}; upgrade them first")
+            findings.append(f"nodes whose fleetkit cannot run {next_stage}: {', '.join(lacking)}; upgrade them first")
+        if next_stage == "grpc":
+            off_grpc = sorted(node.machine for node in nodes if node.connected and node.transport_in_use != "grpc")
+            if off_grpc:
+                findings.append(f"agents not on grpc yet: {', '.join(off_grpc)}")
     else:
         off_grpc = sorted(node.machine for node in nodes if node.connected and node.transport_in_use != "grpc")
         if off_grpc:
@@ -68,22 +74,15 @@ def judge(nodes: list[NodeView], leader: str) -> Verdict:
     ready = not findings
     if ready:
         findings.append(
-            f"every node speaks {next_stage} and every agent is connected: ready to move to {next_stage}"
+            f"every node can run {next_stage} and every agent is connected: ready to move to {next_stage}"
             if next_stage else "every node and agent uses grpc: no transport migration is pending"
         )
     return Verdict(ready=ready, next_stage=next_stage, findings=findings)
 
 
 def _current_stage(nodes: list[NodeView]) -> str:
-    """Return the earliest stage that some node is still limited to."""
+    """Return the earliest stage whose mode some node still runs."""
     if not nodes:
         return STAGES[0]
-    for stage in STAGES:
-        if any(_best_stage(node.record.transports) == stage for node in nodes):
-            return stage
-    return STAGES[-1]
-
-
-def _best_stage(transports: tuple[str, ...]) -> str:
-    known = [STAGES.index(name) for name in transports if name in STAGES]
-    return STAGES[max(known)] if known else STAGES[0]
+    indexes = [STAGES.index(node.record.mode) for node in nodes if node.record.mode in STAGES]
+    return STAGES[min(indexes)] if indexes else STAGES[0]

@@ -50,7 +50,7 @@ __all__ = [
 # Backend names accepted by validation. Modules that register more backends add
 # their names to these sets, and parse_config also takes an explicit set per key.
 KNOWN_STORAGE_BACKENDS: set[str] = {"etcd3", "etcd2", "redis", "embedded"}
-KNOWN_TRANSPORT_MODES: set[str] = {"grpc", "etcd-watch"}
+KNOWN_TRANSPORT_MODES: set[str] = {"grpc", "etcd-watch", "hybrid"}
 KNOWN_RUNTIME_BACKENDS: set[str] = {"systemd"}
 
 MACHINE_ID_PATH = "/etc/machine-id"
@@ -123,6 +123,7 @@ class TransportConfig:
     mode: str = "grpc"
     listen: str = "127.0.0.1:7070"
     advertise: str = ""
+    fallback_after: float = 10.0
 
     def advertise_address(self, public_ip: str, bound_port: int | None = None) -> str:
         """Return the host:port that other machines use to reach this transport.
@@ -275,6 +276,9 @@ SCHEMA: dict[str, SectionSpec] = {section.name: section for section in (
                 _check_listen),
         KeySpec("advertise", "string", 'host:port other machines dial; "" derives it from listen.',
                 _check_advertise),
+        KeySpec("fallback_after", "duration",
+                "With mode hybrid: how long gRPC to the leader may fail before the agent uses storage.",
+                _at_least(0.5)),
     ),
     _section(
         "engine", EngineConfig,

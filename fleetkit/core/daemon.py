@@ -73,15 +73,15 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.transport.serve(self.host))
-                if self.transport.name != GrpcTransport.name:
+                if not self.transport.serves_grpc:
                     # Daemons that do not lead ask the leader for unit states over gRPC.
                     group.create_task(GrpcTransport(self.config, self.storage).serve(self.host))
                 group.create_task(serve_api(self.config.api.listen, self.storage, self.host, self.hooks))
                 group.create_task(self.agent.run())
                 group.create_task(self.transport.run_agent(self.agent))
                 record = new_record(
-                    self.machine.id, __version__, (self.transport.name,),
-                    engine=self.config.engine.enabled, address=self.advertise,
+                    self.machine.id, __version__, tuple(plugins.available(plugins.TRANSPORT)),
+                    engine=self.config.engine.enabled, address=self.advertise, mode=self.transport.name,
                 )
                 group.create_task(NodeAdvertiser(self.storage, record, ttl=self.config.agent.ttl).run())
                 if self.config.engine.enabled:

@@ -1,8 +1,9 @@
 """Node records: what every daemon advertises about itself in storage.
 
 Each daemon keeps ``nodes/<machine>`` (see `fleetkit.core.keys`) attached to
-a lease of ``[agent] ttl``: its fleetkit version, the transports it speaks,
-whether it runs an engine candidate and its transport address. The record
+a lease of ``[agent] ttl``: its fleetkit version, the transport modes its
+build can run and the one it runs, whether it runs an engine candidate and
+its transport address. The record
 vanishes when the daemon stops renewing it. Engines use the versions to
 gate leadership during a rolling upgrade, and ``fleetkit cluster status``
 shows them.
@@ -30,10 +31,12 @@ class NodeRecord:
 
     machine: str
     version: str
+    # Every transport mode this build can run, and the one it runs now.
     transports: tuple[str, ...] = ()
     engine: bool = True
     address: str = ""
     started: float = field(default=0.0)
+    mode: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps({**asdict(self), "transports": list(self.transports)}).encode()
@@ -45,7 +48,7 @@ class NodeRecord:
             machine=str(raw["machine"]), version=str(raw["version"]),
             transports=tuple(str(name) for name in raw.get("transports", ())),
             engine=bool(raw.get("engine", True)), address=str(raw.get("address", "")),
-            started=float(raw.get("started", 0.0)),
+            started=float(raw.get("started", 0.0)), mode=str(raw.get("mode", "")),
         )
 
 
@@ -126,7 +129,10 @@ class NodeAdvertiser:
             pass
 
 
-def new_record(machine: str, version: str, transports: tuple[str, ...], *, engine: bool, address: str) -> NodeRecord:
+def new_record(
+    machine: str, version: str, transports: tuple[str, ...], *, engine: bool, address: str, mode: str,
+) -> NodeRecord:
     return NodeRecord(
-        machine=machine, version=version, transports=transports, engine=engine, address=address, started=time.time(),
+        machine=machine, version=version, transports=transports, engine=engine, address=address,
+        started=time.time(), mode=mode,
     )

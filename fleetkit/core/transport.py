@@ -39,6 +39,10 @@ class Transport(abc.ABC):
     name: ClassVar[str]
     # Storage capabilities (attribute names of `Capabilities`) this transport needs.
     required_capabilities: ClassVar[frozenset[str]] = frozenset()
+    # The modes this transport talks, advertised in the node record.
+    speaks: ClassVar[tuple[str, ...]] = ()
+    # Whether `serve` runs the gRPC server on [transport] listen itself.
+    serves_grpc: ClassVar[bool] = False
 
     def __init__(self, config: Config, storage: Storage):
         self.config = config

@@ -73,24 +73,31 @@ def _state_from_json(data: bytes) -> UnitState:
                      sub_state=raw["sub"])
 
 
-def _presence_json(info: MachineInfo, beat: int) -> bytes:
+# Written by the engine under a machine's units prefix once that prefix holds
+# a complete snapshot for the agent session named in the value.
+SYNCED = ".synced"
+
+
+def _presence_json(info: MachineInfo, beat: int, session: str) -> bytes:
     return json.dumps({"id": info.id, "ip": info.ip, "metadata": info.metadata, "version": info.version,
-                       "heartbeat": beat}).encode()
+                       "heartbeat": beat, "session": session}).encode()
 
 
-def _presence_from_json(data: bytes) -> MachineInfo:
+def _presence_from_json(data: bytes) -> tuple[MachineInfo, str]:
     raw = json.loads(data)
-    return MachineInfo(id=raw["id"], ip=raw.get("ip", ""), metadata=dict(raw.get("metadata", {})),
+    info = MachineInfo(id=raw["id"], ip=raw.get("ip", ""), metadata=dict(raw.get("metadata", {})),
                        version=raw.get("version", ""))
+    return info, str(raw.get("session", ""))
 
 
 class _MachineWriter:
     """Applies the engine's messages for one machine to its prefix in storage, in order."""
 
-    def __init__(self, storage: Storage, machine: str, fence):
+    def __init__(self, storage: Storage, machine: str, fence, session: str):
         self._storage = storage
         self._machine = machine
         self._fence = fence
+        self.session = session
         self._queue: asyncio.Queue = asyncio.Queue()
 
     def send(self, message: SnapshotMessage | ChangeMessage | None) -> None:
@@ -113,7 +120,7 @@ class _MachineWriter:
         prefix = units_prefix(self._machine)
         if isinstance(message, SnapshotMessage):
             items, _revision = await self._storage.list(prefix)
-            present = {item.key[len(prefix):]: item.value for item in items}
+            present = {item.key[len(prefix):]: item.value for item in items if item.key[len(prefix):] != SYNCED}
             puts = [unit for unit in message.units if present.get(unit.name) != _desired_json(unit)]
             wanted = {unit.name for unit in message.units}
             deletes = [name for name in present if name not in wanted]
@@ -130,12 +137,16 @@ class _MachineWriter:
                 await self._storage.delete(prefix + name, fence=self._fence)
 
         await asyncio.gather(*(put(unit) for unit in puts), *(delete(name) for name in deletes))
+        if isinstance(message, SnapshotMessage):
+            # Only now is the prefix complete for this agent session.
+            await self._storage.put(prefix + SYNCED, self.session.encode(), fence=self._fence)
 
 
 class EtcdWatchTransport(Transport):
     """Engine and agents exchange the schedule, presence and states through storage watches."""
 
     name = "etcd-watch"
+    speaks = ("etcd-watch",)
     required_capabilities = frozenset({"native_watch", "lease_ttl", "linearizable_writes"})
 
     # -- engine side -------------------------------------------------------
@@ -167,7 +178,7 @@ class EtcdWatchTransport(Transport):
                     events = self._as_events(update)
                     for machine, kind, name, value in events:
                         if kind == "states":
-                            self._on_state(engine, states, machine, name, value)
+                            self._on_state(engine, states, machine, name, value, writers)
                         elif kind == "presence":
                             await self._on_presence(engine, group, writers, states, machine, value)
             finally:
@@ -184,11 +195,16 @@ class EtcdWatchTransport(Transport):
         return [(*_split(event.key), event.value if event.type is EventType.PUT else None) for event in update]
 
     @staticmethod
-    def _on_state(engine, states, machine: str, name: str, value: bytes | None) -> None:
+    def _on_state(engine, states, machine: str, name: str, value: bytes | None, writers) -> None:
         known = states.setdefault(machine, {})
+        # Report only for agents attached through storage: an agent that moved to
+        # gRPC withdraws its storage states, which must not erase what it reports now.
+        presence = engine.machines.get(machine)
+        attached = machine in writers and presence is not None and presence.sender == writers[machine][2]
         if value is None:
             known.pop(name, None)
-            engine.report_states(machine, [], [name])
+            if attached:
+                engine.report_states(machine, [], [name])
             return
         try:
             state = _state_from_json(value)
@@ -196,7 +212,8 @@ class EtcdWatchTransport(Transport):
             log.warning("ignoring unreadable state %s of %s: %s", name, machine, error)
             return
         known[name] = state
-        engine.report_states(machine, [state], [])
+        if attached:
+            engine.report_states(machine, [state], [])
 
     async def _on_presence(self, engine, group, writers, states, machine: str, value: bytes | None) -> None:
         if value is None:
@@ -206,15 +223,20 @@ class EtcdWatchTransport(Transport):
                 engine.detach_agent(machine, send)
                 send(None)
             return
-        if machine in writers:
-            engine.touch(machine)
-            return
         try:
-            info = _presence_from_json(value)
+            info, session = _presence_from_json(value)
         except (ValueError, KeyError) as error:
             log.warning("ignoring unreadable presence of %s: %s", machine, error)
             return
-        writer = _MachineWriter(self.storage, machine, engine.fence)
+        if machine in writers:
+            if writers[machine][0].session == session:
+                engine.touch(machine)
+                return
+            # A new agent session: it waits for a fresh snapshot, so attach it again.
+            old_writer, _task, old_send = writers.pop(machine)
+            engine.detach_agent(machine, old_send)
+            old_send(None)
+        writer = _MachineWriter(self.storage, machine, engine.fence, session)
         send = writer.send
         writers[machine] = (writer, group.create_task(writer.run()), send)
         await engine.attach_agent(info, list(states.get(machine, {}).values()), send, transport=self.name)
@@ -233,19 +255,35 @@ class EtcdWatchTransport(Transport):
                 await attempts.sleep()
 
     async def _agent_session(self, agent: Agent) -> None:
-        machine = agent.machine.id
         ttl = self.config.agent.ttl
         lease = await self.storage.grant_lease(ttl)
-        await self._publish_all(agent, lease)
-        await self.storage.put(presence_key(machine), _presence_json(agent.machine, 0), lease=lease)
-        log.info("agent publishes to storage (transport etcd-watch)")
         try:
+            await self._run_session(agent, lease, ttl)
+        except asyncio.CancelledError:
+            # Leaving storage on purpose: withdraw the presence and states at once.
+            await self._revoke_quietly(lease)
+            raise
+
+    async def _run_session(self, agent: Agent, lease: int, ttl: float) -> None:
+        machine = agent.machine.id
+        session = f"{lease:x}"
+        try:
+            await self._publish_all(agent, lease)
+            await self.storage.put(presence_key(machine), _presence_json(agent.machine, 0, session), lease=lease)
+            log.info("agent publishes to storage (transport etcd-watch)")
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._heartbeat(agent, lease, ttl))
+                group.create_task(self._heartbeat(agent, lease, ttl, session))
                 group.create_task(self._publish_changes(agent, lease))
-                group.create_task(self._follow_units(agent))
+                group.create_task(self._follow_units(agent, session))
         except* (StorageError, LeaseExpired) as failure:
             raise failure.exceptions[0] from None
+
+    async def _revoke_quietly(self, lease: int) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await self.storage.revoke_lease(lease)
+        except (StorageError, TimeoutError):
+            pass
 
     async def _publish_all(self, agent: Agent, lease: int) -> None:
         prefix = states_prefix(agent.machine.id)
@@ -257,13 +295,15 @@ class EtcdWatchTransport(Transport):
         for state in current.values():
             await self.storage.put(prefix + state.name, _state_json(state), lease=lease)
 
-    async def _heartbeat(self, agent: Agent, lease: int, ttl: float) -> None:
+    async def _heartbeat(self, agent: Agent, lease: int, ttl: float, session: str) -> None:
         beat = 0
         while True:
             await asyncio.sleep(ttl / 3)
             beat += 1
             await self.storage.refresh_lease(lease)
-            await self.storage.put(presence_key(agent.machine.id), _presence_json(agent.machine, beat), lease=lease)
+            await self.storage.put(
+                presence_key(agent.machine.id), _presence_json(agent.machine, beat, session), lease=lease,
+            )
 
     async def _publish_changes(self, agent: Agent, lease: int) -> None:
         prefix = states_prefix(agent.machine.id)
@@ -274,26 +314,49 @@ class EtcdWatchTransport(Transport):
             for name in removed:
                 await self.storage.delete(prefix + name)
 
-    async def _follow_units(self, agent: Agent) -> None:
+    async def _follow_units(self, agent: Agent, session: str) -> None:
+        """Apply the machine's units once the engine marked them complete for this session, then each change."""
         prefix = units_prefix(agent.machine.id)
+        units: dict[str, DesiredUnit] = {}
+        synced = False
         async for update in follow(self.storage, prefix):
             if isinstance(update, Snapshot):
-                units = []
+                units = {}
+                marker = b""
                 for item in update.items.values():
-                    try:
-                        units.append(_desired_from_json(item.value))
-                    except (ValueError, KeyError) as error:
-                        log.warning("ignoring unreadable desired unit %s: %s", item.key, error)
-                agent.apply(SnapshotMessage(units=units))
+                    name = item.key[len(prefix):]
+                    if name == SYNCED:
+                        marker = item.value
+                    elif (unit := self._decode(item.key, item.value)) is not None:
+                        units[name] = unit
+                synced = marker == session.encode()
+                if synced:
+                    agent.apply(SnapshotMessage(units=list(units.values())))
                 continue
             upserted, removed = [], []
             for event in update:
                 name = event.key[len(prefix):]
+                if name == SYNCED:
+                    if not synced and event.type is EventType.PUT and event.value == session.encode():
+                        synced = True
+                        agent.apply(SnapshotMessage(units=list(units.values())))
+                    continue
                 if event.type is EventType.PUT and event.value is not None:
-                    try:
-                        upserted.append(_desired_from_json(event.value))
-                    except (ValueError, KeyError) as error:
-                        log.warning("ignoring unreadable desired unit %s: %s", event.key, error)
+                    unit = self._decode(event.key, event.value)
+                    if unit is None:
+                        continue
+                    units[name] = unit
+                    upserted.append(unit)
                 else:
+                    units.pop(name, None)
                     removed.append(name)
-            agent.apply(ChangeMessage(upserted=upserted, removed=removed))
+            if synced and (upserted or removed):
+                agent.apply(ChangeMessage(upserted=upserted, removed=removed))
+
+    @staticmethod
+    def _decode(key: str, value: bytes) -> DesiredUnit | None:
+        try:
+            return _desired_from_json(value)
+        except (ValueError, KeyError) as error:
+            log.warning("ignoring unreadable desired unit %s: %s", key, error)
+            return None

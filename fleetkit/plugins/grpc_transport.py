@@ -168,6 +168,8 @@ class GrpcTransport(Transport):
     """Streams between each agent and the leader."""
 
     name = "grpc"
+    speaks = ("grpc",)
+    serves_grpc = True
     # Leader election needs leases; the schedule needs writes that are never lost or reordered.
     required_capabilities = frozenset({"lease_ttl", "linearizable_writes"})
 
@@ -214,7 +216,8 @@ class GrpcTransport(Transport):
         record, _revision = found
         return record.address
 
-    async def _session(self, agent: Agent, address: str) -> None:
+    async def _session(self, agent: Agent, address: str, *, snapshot_timeout: float = SNAPSHOT_TIMEOUT,
+                       on_connected=None) -> None:
         heartbeat_interval = max(0.5, self.config.agent.ttl / 4)
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.AgentTransportStub(channel)
@@ -223,12 +226,14 @@ class GrpcTransport(Transport):
                 machine=machine_to_pb(agent.machine), states=[state_to_pb(state) for state in agent.full_state()],
             )
             await call.write(pb.AgentMessage(hello=hello))
-            async with asyncio.timeout(SNAPSHOT_TIMEOUT):
+            async with asyncio.timeout(snapshot_timeout):
                 first = await call.read()
             if first is grpc.aio.EOF:
                 raise TransportError(f"leader at {address} closed the stream")
             agent.apply(engine_message_from_pb(first))
             log.info("agent connected to the leader at %s", address)
+            if on_connected is not None:
+                on_connected()
 
             try:
                 async with asyncio.TaskGroup() as group:

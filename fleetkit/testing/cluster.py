@@ -41,7 +41,8 @@ class Node:
     config_path: Path
     process: asyncio.subprocess.Process | None = None
     log_files: list = field(default_factory=list)
-    # Transport port, metadata, lease TTL, agent TTL and transport mode, to write the config again.
+    # Transport port, metadata, lease TTL, agent TTL, transport mode and extra [transport] lines
+    # (where "{port}" stands for the transport port), to write the config again.
     config_args: tuple = ()
 
     @property
@@ -156,23 +157,25 @@ class TestCluster:
 
     async def add_node(
         self, name: str, metadata: dict[str, str] | None = None, *, lease_ttl: str = "4s", agent_ttl: str = "8s",
-        transport: str = "grpc",
+        transport: str = "grpc", transport_extra: str = "",
     ) -> Node:
         node_dir = self.directory / name
         node_dir.mkdir(parents=True, exist_ok=True)
         manager = await start_user_manager(str(self.directory / "managers"), name=name)
         config_path = node_dir / "cluster.toml"
         node = Node(name=name, directory=node_dir, manager=manager, config_path=config_path)
-        node.config_args = (free_port(), metadata or {}, lease_ttl, agent_ttl, transport)
+        node.config_args = (free_port(), metadata or {}, lease_ttl, agent_ttl, transport, transport_extra)
         node.config_path.write_text(self._config_text(node))
         self.nodes[name] = node
         return node
 
     def _config_text(self, node: Node) -> str:
-        port, metadata, lease_ttl, agent_ttl, transport = node.config_args
+        port, metadata, lease_ttl, agent_ttl, transport, transport_extra = node.config_args
+        extra = transport_extra.format(port=port) if transport_extra else ""
         return node_config(
             self.directory, node.name, self.storage_section, port, node.manager, metadata,
             lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl, transport=transport,
+            transport_extra=extra,
         )
 
     def set_storage(self, storage_section: str, storage_factory=None) -> None:
@@ -182,8 +185,20 @@ class TestCluster:
         for node in self.nodes.values():
             node.config_path.write_text(self._config_text(node))
 
-    async def start(self) -> None:
-        await asyncio.gather(*(node.start() for node in self.nodes.values()))
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start every daemon that is not running, then wait until the leader lists all machines as connected."""
+        await asyncio.gather(*(node.start() for node in self.nodes.values() if not node.running))
+        if not self.nodes:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = await self.cli("list-machines", "--output", "json")
+            if result.code == 0:
+                connected = {row["machine"] for row in json.loads(result.stdout) if row["connected"]}
+                if connected >= set(self.nodes):
+                    return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"not every machine connected to the leader within {timeout:.0f}s\n" + self.logs())
 
     async def close(self) -> None:
         for node in self.nodes.values():
