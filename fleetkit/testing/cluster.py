@@ -112,6 +112,26 @@ class Node:
             stdout, _ = await process.communicate()
         return stdout.decode().strip()
 
+    async def main_pids(self, pattern: str = "*.service") -> dict[str, str]:
+        """Return the MainPID of every active unit matching `pattern`, read with one ``systemctl show``."""
+        names = sorted(await self.active_units(pattern))
+        if not names:
+            return {}
+        env = {**os.environ, **self.manager.env()}
+        process = await asyncio.create_subprocess_exec(
+            "systemctl", "--user", "show", "-p", "Id", "-p", "MainPID", *names,
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            stdout, _ = await process.communicate()
+        pids = {}
+        # One block of properties per unit, in systemd's own property order, separated by blank lines.
+        for block in stdout.decode().split("\n\n"):
+            properties = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+            if "Id" in properties and "MainPID" in properties:
+                pids[properties["Id"]] = properties["MainPID"]
+        return pids
+
     async def active_units(self, pattern: str = "*") -> set[str]:
         """Return the names of the units systemd reports active that match `pattern`."""
         env = {**os.environ, **self.manager.env()}
@@ -177,6 +197,13 @@ class TestCluster:
             lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl, transport=transport,
             transport_extra=extra,
         )
+
+    def set_transport(self, name: str, mode: str) -> None:
+        """Rewrite node `name`'s config with another ``[transport] mode``; a restart applies it."""
+        node = self.nodes[name]
+        port, metadata, lease_ttl, agent_ttl, _mode, transport_extra = node.config_args
+        node.config_args = (port, metadata, lease_ttl, agent_ttl, mode, transport_extra)
+        node.config_path.write_text(self._config_text(node))
 
     def set_storage(self, storage_section: str, storage_factory=None) -> None:
         """Point every node's config at another store; daemons started afterwards use it."""
