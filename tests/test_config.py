@@ -214,7 +214,7 @@ TYPE_ERRORS = [
     ({"engine": {"reconcile_interval": "0ms"}}, "must be greater than zero"),
     ({"agent": {"ttl": "1500ms"}}, "agent.ttl = \"1500ms\": must be at least 2s"),
     ({"agent": {"ttl": "ten seconds"}}, "invalid duration"),
-    ({"runtime": {"backend": "openrc"}}, "unknown backend; choose one of: systemd"),
+    ({"runtime": {"backend": "openrc"}}, "unknown backend; choose one of: simulated, systemd"),
     ({"runtime": {"bus": "session"}}, 'runtime.bus = "session": expected "system", "user" or a D-Bus address'),
     ({"runtime": {"bus": "unix:path"}}, "expected \"system\", \"user\" or a D-Bus address"),
     ({"runtime": {"bus": "unix:guid=abc"}}, "needs one of abstract, path"),

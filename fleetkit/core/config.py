@@ -51,7 +51,7 @@ __all__ = [
 # their names to these sets, and parse_config also takes an explicit set per key.
 KNOWN_STORAGE_BACKENDS: set[str] = {"etcd3", "etcd2", "redis", "embedded"}
 KNOWN_TRANSPORT_MODES: set[str] = {"grpc", "etcd-watch", "hybrid"}
-KNOWN_RUNTIME_BACKENDS: set[str] = {"systemd"}
+KNOWN_RUNTIME_BACKENDS: set[str] = {"systemd", "simulated"}
 
 MACHINE_ID_PATH = "/etc/machine-id"
 ENV_PREFIX = "FLEETKIT_"
