@@ -4,7 +4,7 @@ A cluster moves from ``etcd-watch`` through ``hybrid`` to ``grpc`` one node at
 a time. The current stage is the earliest mode that some node still runs.
 The next stage may start when every node's build can run it and every agent
 is connected to the leader (and, before ``grpc``, every agent already uses
-gRPC); the findings name each node that holds it back.
+gRPC); the findings name each node that keeps it from moving on.
 """
 
 from __future__ import annotations

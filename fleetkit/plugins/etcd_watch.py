@@ -5,7 +5,7 @@ prefix, ``machines/<id>/units/<name>``, with fenced writes, so a change wakes
 only the agent it concerns. Each agent follows its prefix, and publishes its
 presence (``machines/<id>/presence``, re-written every third of ``[agent]
 ttl`` as a heartbeat) and the state of each unit it runs
-(``machines/<id>/states/<name>``) on a lease of its own; only changed states
+(``machines/<id>/states/<name>``) on a lease of its own. Only changed states
 are written. The leader follows ``machines/`` to learn presence and states.
 No agent reads more than its own prefix in steady state.
 """
@@ -73,7 +73,7 @@ def _state_from_json(data: bytes) -> UnitState:
                      sub_state=raw["sub"])
 
 
-# Written by the engine under a machine's units prefix once that prefix holds
+# Written by the engine under a machine's units prefix once that prefix contains
 # a complete snapshot for the agent session named in the value.
 SYNCED = ".synced"
 

@@ -1,8 +1,8 @@
 """The ``hybrid`` transport: speaks both ``grpc`` and ``etcd-watch``, for migrating a live cluster.
 
 The leader serves agents of both kinds at once, so their states appear
-together. An agent uses gRPC when the leader's node record says it speaks
-gRPC and a stream works; when gRPC keeps failing (refused, timed out,
+together. An agent uses gRPC when the leader's node record shows that it
+runs gRPC and a stream works; when gRPC keeps failing (refused, timed out,
 blocked) for ``[transport] fallback_after``, the agent takes its work from
 storage instead, keeps probing gRPC with backoff, and returns to it once a
 connection works. Every fallback and return is logged with its reason.
