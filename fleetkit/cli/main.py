@@ -136,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit with code 1 when the cluster is not ready for its next stage",
     )
 
-    from fleetkit.cli import devcluster, storage
+    from fleetkit.cli import devcluster, storage, tls
 
     devcluster.add_parser(sub)
     storage.add_parser(sub)
+    tls.add_parser(sub)
     return parser
 
 
@@ -209,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             from fleetkit.cli import storage
 
             return storage.run(args)
+        if args.command == "tls":
+            from fleetkit.cli import tls
+
+            return tls.run(args)
         return asyncio.run(_run_client_command(args))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
