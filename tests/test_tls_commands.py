@@ -59,10 +59,14 @@ def test_issue_rejects_bad_input(tmp_path):
     no_san = run("tls", "issue", "--ca-dir", str(tmp_path), "--name", "c", "--role", "node")
     bad_role = run("tls", "issue", "--ca-dir", str(tmp_path), "--name", "d", "--role", "root")
 
-    assert missing_ca.returncode == 1 and "init-ca" in missing_ca.stderr
-    assert bad_ip.returncode == 1 and "10.0.0.300" in bad_ip.stderr
-    assert no_san.returncode == 1 and "--ip" in no_san.stderr
-    assert bad_role.returncode == 2 and "root" in bad_role.stderr
+    assert missing_ca.returncode == 1
+    assert "init-ca" in missing_ca.stderr
+    assert bad_ip.returncode == 1
+    assert "10.0.0.300" in bad_ip.stderr
+    assert no_san.returncode == 1
+    assert "--ip" in no_san.stderr
+    assert bad_role.returncode == 2
+    assert "root" in bad_role.stderr
     assert not (tmp_path / "b.pem").exists()
 
 

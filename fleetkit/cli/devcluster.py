@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from fleetkit.core.errors import FleetkitError
+from fleetkit.core.netinfo import free_port  # noqa: F401 - also imported from here
 
 DEFAULT_DIR = os.path.join(tempfile.gettempdir(), "fleetkit-dev-cluster")
 STATE_FILE = "cluster.json"
@@ -57,12 +57,6 @@ def run(args) -> int:
             return 2
         return asyncio.run(_up(args.nodes, Path(args.dir), args.ready_file, args.storage))
     return _down(Path(args.dir))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def node_config(

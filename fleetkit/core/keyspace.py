@@ -1,9 +1,9 @@
 """Claiming the storage prefix: fleetkit refuses to mix its state with foreign data.
 
 A daemon checks the prefix before anything else touches it. A prefix that
-carries the format marker is fleetkit's; an empty one is claimed by writing
-the marker; one that contains other keys is rejected, so a typo in
-``[storage] prefix`` can never make fleetkit read or overwrite another
+carries the format marker is fleetkit's, and an empty one is claimed by
+writing the marker. A prefix that contains other keys is rejected, so a typo
+in ``[storage] prefix`` can never make fleetkit read or overwrite another
 application's data.
 """
 

@@ -1,4 +1,4 @@
-"""Detection of the machine's public IP address without sending any traffic."""
+"""Network helpers: the machine's public IP address (found without sending any traffic) and free ports."""
 
 from __future__ import annotations
 
@@ -39,3 +39,10 @@ def detect_public_ip() -> str:
     if interface is None:
         return ""
     return interface_address(interface) or ""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on `host` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

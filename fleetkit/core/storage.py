@@ -62,7 +62,7 @@ class Fence:
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a backend guarantees; transports check these at start-up."""
+    """The guarantees of a backend, which transports check at start-up."""
 
     linearizable_writes: bool
     native_watch: bool
@@ -85,9 +85,9 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def connect(self) -> None:
-        """Open the client connection and check that the store answers.
+        """Open the client connection and check that the store responds.
 
-        Raises `StorageUnavailable` naming the endpoints when it does not.
+        Raises `StorageUnavailable` naming the endpoints when it does not respond.
         """
 
     @abc.abstractmethod
@@ -104,7 +104,7 @@ class Storage(abc.ABC):
     async def list(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Return every key under `prefix`, sorted by key, and the store revision of that snapshot.
 
-        The snapshot is consistent: a watch started at revision + 1 sees
+        The snapshot is consistent: a watch started at revision + 1 receives
         exactly the changes made after it.
         """
 
@@ -167,7 +167,7 @@ class Storage(abc.ABC):
 
         The iterator survives store restarts and reconnects: it resumes from
         the last revision it yielded plus one, so no change is lost or
-        repeated. It raises `CompactedError` when the store no longer holds
+        repeated. It raises `CompactedError` when the store no longer keeps
         the revision it must resume from; the caller then re-lists (see
         `fleetkit.core.watching.follow`).
         """

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,18 +33,12 @@ import pytest
 import pytest_asyncio
 
 from fleetkit.plugins.etcd3 import Etcd3Storage
+from fleetkit.core.netinfo import free_port  # noqa: F401 - also imported from here
 
 log = logging.getLogger(__name__)
 
 ETCD_BINARY_ENV = "FLEETKIT_ETCD_BINARY"
 DEFAULT_BINARY = "/usr/bin/etcd"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on `host` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def find_etcd_binary() -> str | None:

@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fleetkit.core.config import StorageConfig
+from fleetkit.core.netinfo import free_port  # noqa: F401 - also imported from here
 from fleetkit.core.storage import Storage
 from fleetkit.testing.conformance import StoreHarness
 
@@ -47,13 +47,6 @@ DEFAULT_BINARY = "/usr/bin/redis-server"
 # Seconds; short so that the paused-server tests stay quick, long enough for a loaded CI machine.
 DIAL_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 2.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on `host` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def find_redis_binary() -> str | None:
