@@ -8,7 +8,8 @@ process, so the figures measure fleetkit and etcd, not systemd. One
 ``fleetkit start --no-block`` submits every unit; the time of each unit is
 from that call until the simulated manager marked it active. Storage
 operations come from etcd's own counters (``/metrics``), CPU seconds from
-``/proc``. Every figure is printed; nothing is asserted.
+``/proc``. Every figure is printed; nothing is asserted. ``--tls`` runs
+every listener with mutual TLS, to measure what the TLS gate costs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-from fleetkit.cli.devcluster import etcd_storage_section, free_port, node_config
+from fleetkit.cli.devcluster import etcd_storage_section, free_port, issue_dev_certificates, node_config
 from fleetkit.testing.etcd import EtcdServer
 
 AGENTS = 4
@@ -65,8 +66,11 @@ async def cli(endpoint: str, *args: str, timeout: float = 300) -> tuple[int, str
     return process.returncode, output.decode()
 
 
-async def run_transport(mode: str, units: int, directory: Path) -> dict:
+async def run_transport(mode: str, units: int, directory: Path, *, tls: bool = False) -> dict:
     directory.mkdir(parents=True)
+    tls_dir = directory / "tls" if tls else None
+    if tls_dir is not None:
+        issue_dev_certificates(tls_dir, [f"n{index}" for index in range(1, AGENTS + 1)])
     etcd = EtcdServer(directory / "etcd")
     etcd.start()
     daemons = []
@@ -81,7 +85,8 @@ async def run_transport(mode: str, units: int, directory: Path) -> dict:
             journals.append(journal)
             runtime = SimpleNamespace(bus_address=f"unix:path={journal}", unit_directory=str(node_dir / "units"))
             text = node_config(directory, name, etcd_storage_section(etcd.client_url), free_port(), runtime, {},
-                               lease_ttl="10s", reconcile_interval="5s", agent_ttl="30s", transport=mode)
+                               lease_ttl="10s", reconcile_interval="5s", agent_ttl="30s", transport=mode,
+                               tls_dir=tls_dir)
             config = node_dir / "cluster.toml"
             config.write_text(text.replace('backend = "systemd"', 'backend = "simulated"'))
             log = open(node_dir / "daemon.log", "ab")
@@ -126,7 +131,7 @@ async def run_transport(mode: str, units: int, directory: Path) -> dict:
         values = list(times.values())
         writes = sum(after[key] - before[key] for key in ("put", "delete", "txn"))
         return {
-            "transport": mode, "units": units, "active": len(times),
+            "transport": f"{mode}+tls" if tls else mode, "units": units, "active": len(times),
             "p50": percentile(values, 0.50), "p85": percentile(values, 0.85),
             "p99": percentile(values, 0.99), "max": max(values),
             "storage_writes_per_unit": writes / units,
@@ -148,12 +153,13 @@ async def run_transport(mode: str, units: int, directory: Path) -> dict:
         etcd.stop()
 
 
-async def main_async(units: int, modes: list[str]) -> list[dict]:
+async def main_async(units: int, modes: list[str], *, tls: bool = False) -> list[dict]:
     base = Path(tempfile.mkdtemp(prefix="fkbt-"))
     results = []
     for mode in modes:
-        print(f"running {mode} with {units} units on {AGENTS} agents ...", file=sys.stderr)
-        results.append(await run_transport(mode, units, base / mode))
+        label = f"{mode}+tls" if tls else mode
+        print(f"running {label} with {units} units on {AGENTS} agents ...", file=sys.stderr)
+        results.append(await run_transport(mode, units, base / label, tls=tls))
     return results
 
 
@@ -162,9 +168,11 @@ def main() -> int:
     parser.add_argument("--units", type=int, default=3000, help="units to start (default: 3000)")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated transports")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--tls", action="store_true",
+                        help="run every listener with mutual TLS (certificates made for the run)")
     args = parser.parse_args()
     modes = [mode for mode in args.transports.split(",") if mode]
-    results = asyncio.run(main_async(args.units, modes))
+    results = asyncio.run(main_async(args.units, modes, tls=args.tls))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -12,10 +11,9 @@ from fleetkit.testing.cluster import storage_section
 from fleetkit.testing.scenario import (
     NODES,
     SLEEPER,
-    check_scenario,
+    check_scenario_and_failover,
     main_pids,
     placements,
-    start_scenario,
     wait_until,
 )
 
@@ -27,34 +25,8 @@ pytestmark = pytest.mark.slow
 ])
 async def test_scenario_and_failover_on_backend(backend_cluster_factory, tmp_path, backend, transport):
     cluster = await backend_cluster_factory(backend, NODES, transport=transport)
-    found = await start_scenario(cluster, tmp_path)
-    check_scenario(found)
-    before = await main_pids(cluster, found)
-    old_leader = await cluster.leader()
-    assert old_leader in NODES
 
-    started = time.monotonic()
-    await cluster.nodes[old_leader].kill()
-
-    async def new_leader():
-        name = await cluster.leader()
-        return name if name and name != old_leader else ""
-
-    # lease_ttl of the test cluster is 4 s; allow a few seconds more.
-    leader = await wait_until(new_leader, timeout=4 + 6)
-    assert leader, f"no new leader {time.monotonic() - started:.1f}s after the kill\n" + cluster.logs()
-    await cluster.nodes[old_leader].start()
-
-    async def all_reported():
-        listing = await cluster.cli("list-units", "--output", "json", endpoint=cluster.nodes[leader].endpoint)
-        if listing.code != 0:
-            return False
-        active = {(row["unit"], row["machine"]) for row in json.loads(listing.stdout) if row["active"] == "active"}
-        return active >= {(unit, node) for unit, nodes in found.items() if unit.endswith(".service")
-                          and not unit.startswith(("dbus", "systemd")) for node in nodes}
-
-    assert await wait_until(all_reported, timeout=20), cluster.logs()
-    assert await main_pids(cluster, found) == before
+    await check_scenario_and_failover(cluster, tmp_path)
 
 
 async def test_one_node_on_embedded(backend_cluster_factory, tmp_path):

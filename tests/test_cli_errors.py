@@ -155,7 +155,7 @@ async def test_daemon_rejects_foreign_prefix(etcd_server, tmp_path):
     config.write_text(
         f'[storage]\nbackend = "etcd3"\nendpoints = ["{etcd_server.client_url}"]\nprefix = "{prefix}"\n'
         f'[runtime]\nbus = "unix:path={tmp_path}/bus"\nunit_directory = "{tmp_path}/units"\n'
-        f'[api]\nlisten = "unix://{tmp_path}/api.sock"\n'
+        f'[api]\nlisten = "unix://{tmp_path}/api.sock"\n[transport]\ninsecure = true\n'
     )
     try:
         result = subprocess.run(

@@ -24,6 +24,7 @@ from fleetkit.core.config import (
 )
 from fleetkit.core.durations import DurationError, format_duration, parse_duration
 from fleetkit.core.errors import ConfigError
+from fleetkit.core.tls import init_ca, issue
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -856,32 +857,41 @@ def test_redacted_masks_url_password():
 # ---------------------------------------------------------------- check_config
 
 
-def test_check_config_warns_short_lease(tmp_path):
+@pytest.fixture(scope="module")
+def tls_env(tmp_path_factory):
+    """Environment that gives [tls] a CA, a node certificate and its key, so listeners need no insecure = true."""
+    directory = tmp_path_factory.mktemp("tls")
+    init_ca(directory)
+    cert, key = issue(directory, directory, name="node-1", role="node", ips=["127.0.0.1"], dns=[])
+    return {"FLEETKIT_TLS_CA": str(directory / "ca.pem"), "FLEETKIT_TLS_CERT": str(cert), "FLEETKIT_TLS_KEY": str(key)}
+
+
+def test_check_config_warns_short_lease(tmp_path, tls_env):
     path = write(tmp_path, '[engine]\nlease_ttl = "6s"\nreconcile_interval = "5s"\n')
 
-    _, warnings = check_config(path, env={})
+    _, warnings = check_config(path, env=tls_env)
 
     assert any(warning.startswith("engine.lease_ttl (6s) is less than twice") for warning in warnings)
 
 
-def test_check_config_defaults_have_no_warnings():
-    _, warnings = check_config(None, env={})
+def test_check_config_defaults_have_no_warnings(tls_env):
+    _, warnings = check_config(None, env=tls_env)
 
     assert warnings == []
 
 
-def test_check_config_warns_unresolvable_unit_directory(tmp_path):
+def test_check_config_warns_unresolvable_unit_directory(tmp_path, tls_env):
     path = write(tmp_path, '[runtime]\nbus = "user"\n')
 
-    _, warnings = check_config(path, env={})
+    _, warnings = check_config(path, env=tls_env)
 
     assert any("XDG_RUNTIME_DIR" in warning for warning in warnings)
 
 
-def test_check_config_warns_local_listen_remote_store(tmp_path):
+def test_check_config_warns_local_listen_remote_store(tmp_path, tls_env):
     path = write(tmp_path, '[storage]\nbackend = "etcd3"\nendpoints = ["http://192.0.2.1:2379"]\n')
 
-    _, warnings = check_config(path, env={})
+    _, warnings = check_config(path, env=tls_env)
 
     assert any(warning.startswith('transport.listen = "127.0.0.1:7070" accepts only local') for warning in warnings)
 
@@ -891,10 +901,10 @@ def test_check_config_warns_local_listen_remote_store(tmp_path):
     ('backend = "etcd3"\nendpoints = ["http://root:hunter2@192.0.2.1:2379"]', "http://root:***@192.0.2.1:2379"),
     ('backend = "redis"\nendpoints = ["redis://cache.example:6379"]\npassword = "pw"', "redis://cache.example:6379"),
 ])
-def test_check_config_warns_plaintext_password(tmp_path, text, warned):
+def test_check_config_warns_plaintext_password(tmp_path, tls_env, text, warned):
     path = write(tmp_path, f"[storage]\n{text}\n[transport]\nlisten = \"0.0.0.0:7070\"\n")
 
-    _, warnings = check_config(path, env={})
+    _, warnings = check_config(path, env=tls_env)
 
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f'storage.endpoints[0] = "{warned}" is not encrypted and the store is on another '
@@ -910,18 +920,18 @@ def test_check_config_warns_plaintext_password(tmp_path, text, warned):
     'backend = "redis"\nendpoints = ["unix:///run/redis.sock"]\npassword = "pw"',
     'backend = "redis"\nendpoints = ["redis://localhost:6379"]\npassword = "pw"',
 ])
-def test_check_config_no_plaintext_warning(tmp_path, text):
+def test_check_config_no_plaintext_warning(tmp_path, tls_env, text):
     path = write(tmp_path, f"[storage]\n{text}\n[transport]\nlisten = \"0.0.0.0:7070\"\n")
 
-    _, warnings = check_config(path, env={})
+    _, warnings = check_config(path, env=tls_env)
 
     assert warnings == []
 
 
-def test_check_config_unix_store_is_local(tmp_path):
+def test_check_config_unix_store_is_local(tmp_path, tls_env):
     path = write(tmp_path, '[storage]\nbackend = "redis"\nendpoints = ["unix:///run/redis.sock"]\n')
 
-    _, warnings = check_config(path, env={})
+    _, warnings = check_config(path, env=tls_env)
 
     assert warnings == []
 
@@ -929,6 +939,91 @@ def test_check_config_unix_store_is_local(tmp_path):
 def test_check_config_raises_on_invalid(tmp_path):
     with pytest.raises(ConfigError):
         check_config(write(tmp_path, '[engine]\nlease_ttl = "1"\n'), env={})
+
+
+def test_daemon_config_refuses_a_tcp_listener_without_tls(tmp_path):
+    path = write(tmp_path, '[api]\nlisten = "127.0.0.1:7071"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        check_config(path, env={})
+
+    assert caught.value.problems == [
+        'transport.listen (default) = "127.0.0.1:7070": this TCP listener has no TLS; set tls.ca, tls.cert and '
+        "tls.key (fleetkit tls init-ca and fleetkit tls issue make them; see docs/security.md), or set "
+        "transport.insecure = true to accept plaintext connections from anyone who can reach the port",
+        'api.listen = "127.0.0.1:7071": this TCP listener has no TLS; set tls.ca, tls.cert and tls.key (fleetkit '
+        "tls init-ca and fleetkit tls issue make them; see docs/security.md), or set api.insecure = true to "
+        "accept plaintext connections from anyone who can reach the port",
+    ]
+
+
+def test_insecure_listener_starts_with_a_warning(tmp_path):
+    path = write(tmp_path, "[transport]\ninsecure = true\n")
+
+    config, warnings = check_config(path, env={})
+
+    assert config.transport.insecure
+    assert warnings == ['transport.insecure = true: transport.listen = "127.0.0.1:7070" accepts plaintext '
+                        "connections without certificates; anyone who can reach the port can act as an agent"]
+
+
+def test_listener_tls_needs_all_three_files(tmp_path, tls_env):
+    env = {"FLEETKIT_TLS_CERT": tls_env["FLEETKIT_TLS_CERT"]}
+
+    with pytest.raises(ConfigError) as caught:
+        check_config(write(tmp_path, ""), env=env)
+
+    assert caught.value.problems == [
+        'transport.listen (default) = "127.0.0.1:7070": TLS needs a CA, a certificate and a key, but tls.ca and '
+        "tls.key are not set; set tls.ca and tls.key (or transport.tls_ca for this listener only)",
+    ]
+
+
+def test_listener_override_completes_tls(tmp_path, tls_env):
+    text = (f'[transport]\ntls_ca = "{tls_env["FLEETKIT_TLS_CA"]}"\ntls_cert = "{tls_env["FLEETKIT_TLS_CERT"]}"\n'
+            f'tls_key = "{tls_env["FLEETKIT_TLS_KEY"]}"\n')
+
+    config, warnings = check_config(write(tmp_path, text), env={})
+
+    assert config_module.listener_tls_files(config.tls, config.transport) == {
+        "ca": tls_env["FLEETKIT_TLS_CA"], "cert": tls_env["FLEETKIT_TLS_CERT"], "key": tls_env["FLEETKIT_TLS_KEY"],
+    }
+    assert warnings == []
+
+
+def test_unix_api_needs_no_tls_and_parse_config_alone_does_not_check_listeners():
+    assert parse_config({}, env={}).transport.insecure is False
+    with pytest.raises(ConfigError):
+        parse_config({}, env={}, for_daemon=True)
+    parse_config({"transport": {"insecure": True}}, env={}, for_daemon=True)
+
+
+def test_etcd3_endpoints_mixing_schemes_are_rejected():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"storage": {"backend": "etcd3", "endpoints": ["https://10.0.0.1:2379", "http://10.0.0.2:2379"]}},
+                     env={})
+
+    assert caught.value.problems == [
+        'storage.endpoints = ["https://10.0.0.1:2379", "http://10.0.0.2:2379"]: the endpoints mix http:// and '
+        "https://; the etcd3 backend talks to every endpoint the same way, so use https:// for all of them (or "
+        "http:// on a trusted network)",
+    ]
+
+
+def test_socket_group_must_exist_and_needs_a_unix_socket():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"api": {"socket_group": "no-such-group-here", "listen": "127.0.0.1:7071"}}, env={})
+
+    assert caught.value.problems == [
+        'api.socket_group = "no-such-group-here": no such group on this machine; create it (groupadd '
+        'no-such-group-here) or give an existing group, or "" for the owner only',
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"api": {"socket_group": "root", "listen": "127.0.0.1:7071"}}, env={})
+    assert caught.value.problems == [
+        'api.socket_group = "root": api.socket_group sets the group of a unix socket, but api.listen = '
+        '"127.0.0.1:7071" is a TCP address; remove api.socket_group',
+    ]
 
 
 # ---------------------------------------------------------------- schema and docs

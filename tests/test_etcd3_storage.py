@@ -298,7 +298,7 @@ def test_describe_hides_password():
     assert "s3cret" not in repr(storage.endpoints)
 
 
-@pytest.mark.parametrize("text", ["https://127.0.0.1:2379", "http://127.0.0.1:notaport", "ftp://host", "http://:2379"])
+@pytest.mark.parametrize("text", ["http://127.0.0.1:notaport", "ftp://host", "http://:2379", "unix:///tmp/etcd.sock"])
 def test_parse_endpoint_rejects_invalid(text):
     with pytest.raises(ConfigError):
         parse_endpoint(text)
@@ -308,6 +308,15 @@ def test_parse_endpoint_accepts_ipv6():
     endpoint = parse_endpoint("http://[::1]:23790")
 
     assert (endpoint.host, endpoint.port) == ("[::1]", 23790)
+    assert endpoint.tls is False
+
+
+def test_parse_endpoint_accepts_https():
+    endpoint = parse_endpoint("https://root:s3cret@etcd.example:2379")
+
+    assert endpoint.tls is True
+    assert endpoint.target == "etcd.example:2379"
+    assert endpoint.url == "https://root:***@etcd.example:2379"
 
 
 def test_from_config_reads_section():

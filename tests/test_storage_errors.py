@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fleetkit.testing import logscan
 from fleetkit.testing.redis_harness import redis_server_factory, write_tls_files  # noqa: F401 - fixture
 
 SECRET = "s3cret-Passw0rd"
+logscan.register_secret(SECRET)
 
 
 def write_config(directory: Path, storage: str) -> Path:
@@ -18,16 +20,18 @@ def write_config(directory: Path, storage: str) -> Path:
     config.write_text(
         f"[storage]\n{storage}\n"
         f'[runtime]\nbus = "unix:path={directory}/bus"\nunit_directory = "{directory}/units"\n'
-        f'[api]\nlisten = "unix://{directory}/api.sock"\n'
+        f'[api]\nlisten = "unix://{directory}/api.sock"\n[transport]\ninsecure = true\n'
     )
     return config
 
 
 def run_daemon(config: Path, *, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "fleetkit", "daemon", "--config", str(config)],
         capture_output=True, text=True, timeout=timeout,
     )
+    logscan.archive_text(result.stdout + result.stderr, "storage-errors")
+    return result
 
 
 async def stored_keys(server) -> int:

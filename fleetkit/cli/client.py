@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+from fleetkit.core.credentials import TlsFiles, channel_credentials
 from fleetkit.core.errors import ApiError
+from fleetkit.core.tls import TlsError
 from fleetkit.rpc import control_pb2 as pb
 from fleetkit.rpc import control_pb2_grpc as pb_grpc
 
@@ -37,13 +39,39 @@ def grpc_target(endpoint: str) -> str:
     return endpoint
 
 
-class ControlClient:
-    """Thin async wrapper that turns gRPC failures into `ApiError` with a readable message."""
+def open_control_channel(endpoint: str, tls: TlsFiles | None, insecure: bool) -> grpc.aio.Channel:
+    """Open a channel to `endpoint`: a unix socket as is, TCP with TLS, or TCP in plaintext when `insecure`."""
+    target = grpc_target(endpoint)
+    if target.startswith("unix:"):
+        return grpc.aio.insecure_channel(target)
+    if tls is not None:
+        try:
+            return grpc.aio.secure_channel(target, channel_credentials(tls))
+        except TlsError as error:
+            raise ApiError(str(error), code="INVALID_ARGUMENT") from None
+    if insecure:
+        return grpc.aio.insecure_channel(target)
+    raise ApiError(
+        f"endpoint {endpoint!r} is a TCP address: pass --ca-file, --cert-file and --key-file (or set "
+        "FLEETKIT_CA_FILE, FLEETKIT_CERT_FILE and FLEETKIT_KEY_FILE) to use its TLS listener, or --insecure if "
+        "the daemon accepts plaintext (api.insecure = true)",
+        code="INVALID_ARGUMENT",
+    )
 
-    def __init__(self, endpoint: str, *, timeout: float = REQUEST_TIMEOUT):
+
+class ControlClient:
+    """Thin async wrapper that turns gRPC failures into `ApiError` with a readable message.
+
+    `tls` gives the CA, certificate and key for a TCP endpoint; `insecure`
+    allows plaintext to a TCP endpoint instead. A unix socket needs neither.
+    """
+
+    def __init__(self, endpoint: str, *, timeout: float = REQUEST_TIMEOUT, tls: TlsFiles | None = None,
+                 insecure: bool = False):
         self.endpoint = endpoint
         self._timeout = timeout
-        self._channel = grpc.aio.insecure_channel(grpc_target(endpoint))
+        self._tls = tls
+        self._channel = open_control_channel(endpoint, tls, insecure)
         self._stub = pb_grpc.ControlStub(self._channel)
 
     async def close(self) -> None:
@@ -68,6 +96,8 @@ class ControlClient:
                 f"cannot reach the fleetkit daemon at {self.endpoint}: {error.details()}; "
                 "check that the daemon runs and pass --endpoint or set FLEETKIT_ENDPOINT"
             )
+            if not self.endpoint.startswith("unix://"):
+                message += self._tls_hint(error.details() or "")
         elif code is grpc.StatusCode.UNIMPLEMENTED:
             message = (
                 f"the server at {self.endpoint} is not a fleetkit daemon (it does not serve fleetkit's control API); "
@@ -78,6 +108,16 @@ class ControlClient:
         else:
             message = error.details() or code.name
         return ApiError(message, code=code.name)
+
+    def _tls_hint(self, details: str) -> str:
+        if self._tls is None:
+            return ("; if the daemon's listener uses TLS, pass --ca-file, --cert-file and --key-file instead of "
+                    "--insecure")
+        if "Hostname Verification" in details or "Peer name" in details:
+            return (f"; the daemon's certificate does not name {self.endpoint.rpartition(':')[0]}: dial an "
+                    "address listed in its SANs (fleetkit tls show CERT) or reissue it with that --ip or --dns")
+        return ("; the TLS handshake may have failed: check that --ca-file is the cluster CA, that --cert-file "
+                "is valid, not expired and issued by that CA, and the daemon's log for the reason")
 
     async def submit(self, sources: list[tuple[str, str]], desired_state: str, *, replace: bool = False):
         request = pb.SubmitUnitsRequest(

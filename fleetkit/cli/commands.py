@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -248,18 +249,26 @@ def print_json(value) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _iso_time(seconds: float) -> str | None:
+    """Return a UTC time such as "2027-12-04T10:00:00Z" for seconds since the epoch, or None for 0."""
+    if not seconds:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 async def cluster_status(client: ControlClient, args) -> int:
     """Print each node's version, transports and contact, then the migration verdict."""
     status = await client.cluster_status()
     if args.output == "json":
         print_json({
             "leader": status.leader, "ready": status.ready, "next_stage": status.next_stage,
-            "findings": list(status.findings),
+            "findings": list(status.findings), "warnings": list(status.warnings),
             "nodes": [{
                 "machine": node.machine, "version": node.version, "transports": list(node.transports),
                 "engine": node.engine, "transport_in_use": node.transport_in_use, "connected": node.connected,
                 "seconds_since_contact": round(node.seconds_since_contact, 1), "leader": node.leader,
-                "advertised": node.advertised, "mode": node.mode,
+                "advertised": node.advertised, "mode": node.mode, "tls": node.tls,
+                "certificate_expires": _iso_time(node.certificate_expires),
             } for node in status.nodes],
         })
     else:
@@ -271,8 +280,11 @@ async def cluster_status(client: ControlClient, args) -> int:
             "can-run": ",".join(node.transports) or "-",
             "engine": "yes" if node.engine else "no",
             "contact": f"{node.seconds_since_contact:.1f}s ago" if node.connected else "not connected",
+            "tls": (f"until {_iso_time(node.certificate_expires)[:10]}" if node.tls and node.certificate_expires
+                    else "yes" if node.tls else "no"),
         } for node in status.nodes]
-        print(render_table(rows, ("machine", "version", "mode", "in-use", "engine", "contact", "can-run"), legend=True))
+        print(render_table(rows, ("machine", "version", "mode", "in-use", "engine", "contact", "tls", "can-run"),
+                           legend=True))
         print()
         print(f"leader: {status.leader or 'none'} (marked *)")
         verdict = "ready" if status.ready else "not ready"
@@ -280,4 +292,8 @@ async def cluster_status(client: ControlClient, args) -> int:
         print(f"verdict: {verdict}{stage}")
         for finding in status.findings:
             print(f"  - {finding}")
+        if status.warnings:
+            print("warnings:")
+            for warning in status.warnings:
+                print(f"  - {warning}")
     return 1 if args.check and not status.ready else 0

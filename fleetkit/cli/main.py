@@ -16,6 +16,7 @@ from fleetkit import __version__
 from fleetkit.cli import commands
 from fleetkit.cli.client import DEFAULT_ENDPOINT, ControlClient
 from fleetkit.cli.output import UsageError
+from fleetkit.core.credentials import TlsFiles
 from fleetkit.core.errors import ApiError, ConfigError, FleetkitError, UnitError
 
 EXIT_OK = 0
@@ -64,6 +65,25 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+_TLS_OPTIONS = (
+    ("--ca-file", "FLEETKIT_CA_FILE", "PEM file of the cluster CA"),
+    ("--cert-file", "FLEETKIT_CERT_FILE", "PEM client certificate (role admin or read-only)"),
+    ("--key-file", "FLEETKIT_KEY_FILE", "PEM key of --cert-file"),
+)
+
+
+def client_tls(args) -> TlsFiles | None:
+    """Return the TLS files given by --ca-file, --cert-file and --key-file, or None if none is given."""
+    given = {"--ca-file": args.ca_file, "--cert-file": args.cert_file, "--key-file": args.key_file}
+    if not any(given.values()):
+        return None
+    missing = [option for option, value in given.items() if not value]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: a TLS "
+                         "endpoint needs the cluster CA, a client certificate and its key")
+    return TlsFiles(args.ca_file, args.cert_file, args.key_file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fleetkit", description="Schedule systemd units across a cluster.")
     parser.add_argument("--version", action="version", version=f"fleetkit {__version__}")
@@ -75,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-o", "--output", choices=("table", "json"), default="table", help="listing format (default: table)",
     )
+    for option, variable, what in _TLS_OPTIONS:
+        parser.add_argument(option, default=os.environ.get(variable, ""),
+                            help=f"{what} for a TCP endpoint with TLS (default: ${variable})")
+    parser.add_argument(
+        "--insecure", action="store_true", default=os.environ.get("FLEETKIT_INSECURE", "") in ("1", "true"),
+        help="use plaintext to a TCP endpoint whose daemon sets api.insecure = true (default: $FLEETKIT_INSECURE)",
+    )
     # The global options are accepted after the command too, as in fleetctl.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -84,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS,
         help="listing format, table or json (also accepted before the command)",
     )
+    for option, _variable, what in _TLS_OPTIONS:
+        common.add_argument(option, default=argparse.SUPPRESS, help=f"{what} (also accepted before the command)")
+    common.add_argument("--insecure", action="store_true", default=argparse.SUPPRESS,
+                        help="plaintext to a TCP endpoint (also accepted before the command)")
     sub = _SubParsers(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
 
     daemon = sub.add_parser("daemon", help="run the fleetkit daemon on this machine")
@@ -145,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run_client_command(args) -> int:
-    async with ControlClient(args.endpoint) as client:
+    async with ControlClient(args.endpoint, tls=client_tls(args), insecure=args.insecure) as client:
         if args.command in commands.CREATING_VERBS:
             return await commands.create(client, args.command, args)
         if args.command in ("stop", "unload"):

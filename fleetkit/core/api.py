@@ -4,26 +4,37 @@ Writes (submit, desired state, destroy) go straight to storage, so any
 daemon can take them. Unit states and machines are transient and live in
 the leader's engine: a daemon that does not lead asks the leader for them.
 A request with invalid input is rejected whole, before anything is written.
+
+On a unix socket, file permissions decide who may call: the owner, and the
+group ``[api] socket_group`` if set. On TCP the listener is a
+`fleetkit.core.listener.GrpcListener`: with TLS, admin certificates may call
+everything and read-only certificates may list and show.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import logging
 import os
 
 import grpc
 
 from fleetkit.core import keys
-from fleetkit.core.cluster_status import NodeView, judge
+from fleetkit.core.cluster_status import NodeView, certificate_warnings, judge
+from fleetkit.core.config import Config
+from fleetkit.core.credentials import ListenerSecurity, open_channel
 from fleetkit.core.election import read_leader
+from fleetkit.core.listener import GrpcListener
 from fleetkit.core.nodes import read_nodes
 from fleetkit.core.errors import StorageError, StorageUnavailable, UnitError
 from fleetkit.core.states import current_state
 from fleetkit.core.storage import Storage
 from fleetkit.core.transport import EngineHost
 from fleetkit.core.units import DESIRED_STATES, Unit, UnitName, instance_from_template, make_unit
-from fleetkit.plugins.grpc_transport import cluster_state_to_pb, state_from_pb, warn_if_plaintext
+from fleetkit.core.tls import TlsError
+from fleetkit.plugins.grpc_transport import cluster_state_to_pb, state_from_pb
 from fleetkit.rpc import control_pb2 as pb
 from fleetkit.rpc import control_pb2_grpc as pb_grpc
 from fleetkit.rpc import transport_pb2, transport_pb2_grpc
@@ -42,10 +53,14 @@ STATE_RANK = {state: rank for rank, state in enumerate(DESIRED_STATES)}
 class ControlServicer(pb_grpc.ControlServicer):
     """Implements the Control service on top of storage and the engine host."""
 
-    def __init__(self, storage: Storage, host: EngineHost, hooks=None):
+    def __init__(self, storage: Storage, host: EngineHost, hooks=None, *,
+                 transport_security: ListenerSecurity | None = None, expiry_warning: float = 30 * 86400.0):
         self._storage = storage
+        self._expiry_warning = expiry_warning
         self._host = host
         self._hooks = hooks
+        # How this daemon dials the leader's transport listener for unit states.
+        self._transport_security = transport_security or ListenerSecurity("transport.listen", None, True)
 
     # -- writes ------------------------------------------------------------
 
@@ -246,7 +261,8 @@ class ControlServicer(pb_grpc.ControlServicer):
         verdict = judge(sorted(views.values(), key=lambda view: view.machine), leader)
 
         reply = pb.ClusterStatus(leader=leader, ready=verdict.ready, next_stage=verdict.next_stage,
-                                 findings=verdict.findings)
+                                 findings=verdict.findings,
+                                 warnings=certificate_warnings(list(records.values()), self._expiry_warning))
         for view in sorted(views.values(), key=lambda view: view.machine):
             record = view.record
             reply.nodes.append(pb.NodeStatus(
@@ -255,6 +271,7 @@ class ControlServicer(pb_grpc.ControlServicer):
                 transport_in_use=view.transport_in_use, connected=view.connected,
                 seconds_since_contact=view.seconds_since_contact, leader=view.machine == leader,
                 advertised=record is not None, mode=record.mode if record else "",
+                tls=bool(record and record.tls), certificate_expires=record.certificate_expires if record else 0.0,
             ))
         return reply
 
@@ -301,21 +318,23 @@ class ControlServicer(pb_grpc.ControlServicer):
         if found is None:
             raise LookupError("no leader is elected yet; unit states and machines are known only to the leader")
         record, _revision = found
-        async with grpc.aio.insecure_channel(record.address) as channel:
+        channel = open_channel(record.address, self._transport_security, peer_tls=record.tls,
+                               peer_plaintext=record.plaintext)
+        async with channel:
             stub = transport_pb2_grpc.AgentTransportStub(channel)
             return await stub.GetClusterState(transport_pb2.ClusterStateRequest(), timeout=LEADER_QUERY_TIMEOUT)
 
     async def _cluster_state_or_none(self):
         try:
             return await self._cluster_state()
-        except (LookupError, StorageError, grpc.aio.AioRpcError) as error:
+        except (LookupError, StorageError, TlsError, grpc.aio.AioRpcError) as error:
             log.debug("cluster state not available: %s", error)
             return None
 
     async def _require_cluster_state(self, context):
         try:
             return await self._cluster_state()
-        except LookupError as error:
+        except (LookupError, TlsError) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         except StorageUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"storage is unreachable: {error}")
@@ -349,26 +368,59 @@ async def _abort_invalid(context, problems: list[str]) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "\n".join(problems))
 
 
-async def serve_api(listen: str, storage: Storage, host: EngineHost, hooks=None) -> None:
-    """Serve the control API on `listen` (``unix:///path`` or host:port) until cancelled."""
-    server = grpc.aio.server()
-    pb_grpc.add_ControlServicer_to_server(ControlServicer(storage, host, hooks), server)
-    if listen.startswith("unix://"):
-        path = listen[len("unix://"):]
+class ApiServer:
+    """The control API of one daemon on ``[api] listen``.
+
+    Construction loads the listener's certificates, so a daemon with broken
+    TLS files fails before it starts anything.
+    """
+
+    def __init__(self, config: Config, storage: Storage, host: EngineHost, hooks=None):
+        self.listen = config.api.listen
+        self.socket_group = config.api.socket_group
+        self.servicer = ControlServicer(
+            storage, host, hooks, transport_security=ListenerSecurity.of(config, "transport"),
+            expiry_warning=config.tls.expiry_warning)
+        self.listener: GrpcListener | None = None
+        if not self.listen.startswith("unix://"):
+            self.listener = GrpcListener(
+                self.listen, ListenerSecurity.of(config, "api"), self._register, what="control API",
+                reload_interval=config.tls.reload_interval,
+            )
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_ControlServicer_to_server(self.servicer, server)
+
+    async def serve(self) -> None:
+        """Serve until cancelled."""
+        if self.listener is not None:
+            await self.listener.serve()
+            return
+        path = self.listen[len("unix://"):]
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        target = f"unix:{path}"
-    else:
-        target = listen
-        warn_if_plaintext("api.listen", listen)
-    if server.add_insecure_port(target) == 0:
-        raise OSError(f"cannot listen on api.listen = {listen!r}; is the address in use?")
-    await server.start()
-    if listen.startswith("unix://"):
-        os.chmod(listen[len("unix://"):], 0o660)
-    log.info("control API listening on %s", listen)
-    try:
-        await server.wait_for_termination()
-    finally:
-        await server.stop(grace=1.0)
+        server = grpc.aio.server()
+        self._register(server)
+        # Bind with a umask that leaves the socket to its owner from the start;
+        # the group, if any, is granted afterwards.
+        previous = os.umask(0o177)
+        try:
+            bound = server.add_insecure_port(f"unix:{path}")
+        finally:
+            os.umask(previous)
+        if bound == 0:
+            raise OSError(f"cannot listen on api.listen = {self.listen!r}; is the address in use?")
+        await server.start()
+        if self.socket_group:
+            os.chown(path, -1, grp.getgrnam(self.socket_group).gr_gid)
+            os.chmod(path, 0o660)
+            who = f"its owner and group {self.socket_group}"
+        else:
+            os.chmod(path, 0o600)
+            who = "its owner only"
+        log.info("control API listening on %s (usable by %s)", self.listen, who)
+        try:
+            await server.wait_for_termination()
+        finally:
+            await server.stop(grace=1.0)

@@ -5,12 +5,18 @@ a time. The current stage is the earliest mode that some node still runs.
 The next stage may start when every node's build can run it and every agent
 is connected to the leader (and, before ``grpc``, every agent already uses
 gRPC); the findings name each node that keeps it from moving on.
+
+Warnings do not hold a stage back: they name nodes whose certificates expire
+within ``[tls] expiry_warning`` of the daemon that answers.
 """
 
 from __future__ import annotations
 
+import datetime
+import time
 from dataclasses import dataclass, field
 
+from fleetkit.core.durations import format_duration
 from fleetkit.core.nodes import NodeRecord, parse_version
 
 STAGES = ("etcd-watch", "hybrid", "grpc")
@@ -86,3 +92,22 @@ def _current_stage(nodes: list[NodeView]) -> str:
         return STAGES[0]
     indexes = [STAGES.index(node.record.mode) for node in nodes if node.record.mode in STAGES]
     return STAGES[min(indexes)] if indexes else STAGES[0]
+
+
+def certificate_warnings(records: list[NodeRecord], window: float, now: float | None = None) -> list[str]:
+    """Return one warning per node whose earliest certificate expires within `window` seconds, or has expired."""
+    now = time.time() if now is None else now
+    warnings = []
+    for record in sorted(records, key=lambda item: item.machine):
+        expires = record.certificate_expires
+        if not expires or expires - now > window:
+            continue
+        when = datetime.datetime.fromtimestamp(expires, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        if expires <= now:
+            warnings.append(f"{record.machine}: a certificate expired on {when}; issue a new one with fleetkit "
+                            "tls issue and replace the file on that node")
+        else:
+            left = format_duration(max(60.0, round((expires - now) / 3600) * 3600 or 60.0))
+            warnings.append(f"{record.machine}: a certificate expires in {left}, on {when}; issue a new one with "
+                            "fleetkit tls issue and replace the file on that node, which reloads it")
+    return warnings

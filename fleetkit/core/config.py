@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import ipaddress
 import os
 import re
@@ -34,7 +35,7 @@ from fleetkit.core.addresses import (
 from fleetkit.core.config_schema import (  # noqa: F401 (KINDS is re-exported)
     _WHOLE, KINDS, KeySpec, SectionSpec, _as_default, _at_least, _check_absolute_path, _check_bus,
     _check_endpoints, _check_existing_file, _check_metadata, _check_node_name, _check_optional_path, _check_prefix,
-    _check_public_ip, _display, _from_env, _from_toml, _Invalid, _mask_url, _section, _show, _toml_key,
+    _check_public_ip, _display, _fail, _from_env, _from_toml, _Invalid, _mask_url, _section, _show, _toml_key,
     _validate_key,
 )
 from fleetkit.core.durations import DurationError, format_duration
@@ -43,8 +44,8 @@ from fleetkit.core.errors import ConfigError
 __all__ = [
     "KNOWN_RUNTIME_BACKENDS", "KNOWN_STORAGE_BACKENDS", "KNOWN_TRANSPORT_MODES", "SCHEMA",
     "AgentConfig", "ApiConfig", "Config", "EngineConfig", "KeySpec", "LogConfig", "NodeConfig",
-    "RuntimeConfig", "SectionSpec", "StorageConfig", "TransportConfig", "check_config",
-    "default_node_name", "endpoint_address", "load_config", "parse_config",
+    "RuntimeConfig", "SectionSpec", "StorageConfig", "TlsConfig", "TransportConfig", "check_config",
+    "default_node_name", "endpoint_address", "listener_tls_files", "load_config", "parse_config",
 ]
 
 # Backend names accepted by validation. Modules that register more backends add
@@ -56,7 +57,8 @@ KNOWN_RUNTIME_BACKENDS: set[str] = {"systemd", "simulated"}
 MACHINE_ID_PATH = "/etc/machine-id"
 ENV_PREFIX = "FLEETKIT_"
 # FLEETKIT_* variables that belong to the command-line client, not to the daemon config.
-ENV_IGNORED = frozenset({"FLEETKIT_ENDPOINT"})
+ENV_IGNORED = frozenset({"FLEETKIT_ENDPOINT", "FLEETKIT_CA_FILE", "FLEETKIT_CERT_FILE", "FLEETKIT_KEY_FILE",
+                         "FLEETKIT_INSECURE"})
 
 _SYSTEM_BUS_SOCKETS = ("/run/dbus/system_bus_socket", "/var/run/dbus/system_bus_socket")
 
@@ -124,6 +126,10 @@ class TransportConfig:
     listen: str = "127.0.0.1:7070"
     advertise: str = ""
     fallback_after: float = 10.0
+    insecure: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def advertise_address(self, public_ip: str, bound_port: int | None = None) -> str:
         """Return the host:port that other machines use to reach this transport.
@@ -197,6 +203,27 @@ class ApiConfig:
     """Control API served to the command-line client."""
 
     listen: str = "unix:///run/fleetkit/fleetkit.sock"
+    socket_group: str = ""
+    insecure: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Certificates of the gRPC listeners and their clients. Durations are in seconds.
+
+    `ca`, `cert` and `key` apply to every listener and client unless the
+    listener's section overrides them with `tls_ca`, `tls_cert` or `tls_key`.
+    """
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    expiry_warning: float = 30 * 86400.0
+    reload_interval: float = 10.0
+    check_peer_address: bool = True
 
 
 @dataclass(frozen=True)
@@ -218,6 +245,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<defaults>"
 
@@ -250,6 +278,27 @@ def _node_section() -> SectionSpec:
     )
 
 
+def _listener_keys(section: str, what: str) -> tuple[KeySpec, ...]:
+    return (
+        KeySpec("insecure", "boolean", f"Accept plaintext connections to {what}, without certificates; a "
+                "warning is logged at every start."),
+        KeySpec("tls_ca", "string", f'CA file for {what}; "" uses tls.ca.', _check_existing_file),
+        KeySpec("tls_cert", "string", f'Certificate file for {what}; "" uses tls.cert.', _check_existing_file),
+        KeySpec("tls_key", "string", f'Key file for {what}; "" uses tls.key.', _check_existing_file),
+    )
+
+
+def _check_group(value: str) -> str:
+    if not value:
+        return value
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        _fail(f'no such group on this machine; create it (groupadd {value}) or give an existing group, or "" for '
+              "the owner only")
+    return value
+
+
 SCHEMA: dict[str, SectionSpec] = {section.name: section for section in (
     _node_section(),
     _section(
@@ -279,6 +328,7 @@ SCHEMA: dict[str, SectionSpec] = {section.name: section for section in (
         KeySpec("fallback_after", "duration",
                 "With mode hybrid: how long gRPC to the leader may fail before the agent uses storage.",
                 _at_least(0.5)),
+        *_listener_keys("transport", "the engine-agent transport"),
     ),
     _section(
         "engine", EngineConfig,
@@ -300,6 +350,22 @@ SCHEMA: dict[str, SectionSpec] = {section.name: section for section in (
     _section(
         "api", ApiConfig,
         KeySpec("listen", "string", "Control API address: unix:///absolute/path or host:port.", _check_api_listen),
+        KeySpec("socket_group", "string", 'Group that may use the unix socket besides its owner; "" allows the '
+                "owner only.", _check_group),
+        *_listener_keys("api", "the control API on TCP"),
+    ),
+    _section(
+        "tls", TlsConfig,
+        KeySpec("ca", "string", "PEM file of the cluster CA that signs every peer's certificate.",
+                _check_existing_file),
+        KeySpec("cert", "string", "PEM certificate of this node, issued by the cluster CA with role node.",
+                _check_existing_file),
+        KeySpec("key", "string", "PEM private key of cert.", _check_existing_file),
+        KeySpec("expiry_warning", "duration", "Warn this long before a certificate expires.", _at_least(0)),
+        KeySpec("reload_interval", "duration", "How often the certificate files are checked for changes.",
+                _at_least(1.0)),
+        KeySpec("check_peer_address", "boolean", "Whether a node certificate must name, as an IP address SAN, "
+                "the address its connection comes from."),
     ),
     _section(
         "log", LogConfig,
@@ -312,15 +378,17 @@ SCHEMA: dict[str, SectionSpec] = {section.name: section for section in (
 # ---------------------------------------------------------------- loading
 
 def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None,
-                choices: Mapping[str, Collection[str]] | None = None) -> Config:
+                choices: Mapping[str, Collection[str]] | None = None, for_daemon: bool = False) -> Config:
     """Read, override and validate a config file. `path=None` uses the defaults.
 
     `env` defaults to os.environ. `choices` replaces the allowed names of a
-    key, by dotted key ("storage.backend"). Raises ConfigError listing every
-    problem, including a missing file and TOML syntax errors with their line.
+    key, by dotted key ("storage.backend"). `for_daemon` adds the checks of
+    a daemon that will serve: every TCP listener needs TLS or an explicit
+    ``insecure = true``. Raises ConfigError listing every problem, including
+    a missing file and TOML syntax errors with their line.
     """
     if path is None:
-        return parse_config({}, env=env, source="<defaults>", choices=choices)
+        return parse_config({}, env=env, source="<defaults>", choices=choices, for_daemon=for_daemon)
     source = os.fspath(path)
     try:
         with open(source, "rb") as handle:
@@ -342,16 +410,17 @@ def load_config(path: str | os.PathLike[str] | None, *, env: Mapping[str, str] |
         else:
             where = source
         raise ConfigError([f"{where}: invalid TOML: {message}"]) from error
-    return parse_config(data, env=env, source=source, choices=choices)
+    return parse_config(data, env=env, source=source, choices=choices, for_daemon=for_daemon)
 
 
 def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, source: str = "<defaults>",
-                 choices: Mapping[str, Collection[str]] | None = None) -> Config:
+                 choices: Mapping[str, Collection[str]] | None = None, for_daemon: bool = False) -> Config:
     """Validate parsed TOML `data` with environment overrides and build a Config.
 
     Every key is read from its environment variable if set, else from `data`,
-    else from its default, and then checked. Raises ConfigError listing every
-    problem found; nothing is built until all of them pass.
+    else from its default, and then checked; `for_daemon` is as in
+    `load_config`. Raises ConfigError listing every problem found; nothing is
+    built until all of them pass.
     """
     environ = os.environ if env is None else env
     choices = choices or {}
@@ -387,6 +456,8 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
         built[section.name] = values
 
     _check_across_sections(built, sources, problems)
+    if for_daemon:
+        _check_listeners(built, sources, problems)
     if problems:
         raise ConfigError(problems)
     # NOTE: Config has one field per built-in section; a section added to
@@ -398,13 +469,13 @@ def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = Non
 
 def check_config(path: str | os.PathLike[str] | None, *,
                  env: Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
-    """Load a config and return it with warnings about settings that are valid but risky.
+    """Load a config as the daemon does and return it with warnings about settings that are valid but risky.
 
     Only reads the file and `env`, so it binds no port and contacts no server.
     Raises ConfigError like load_config.
     """
     environ = os.environ if env is None else env
-    config = load_config(path, env=environ)
+    config = load_config(path, env=environ, for_daemon=True)
     warnings = []
     engine = config.engine
     if engine.lease_ttl < 2 * engine.reconcile_interval:
@@ -431,6 +502,17 @@ def check_config(path: str | os.PathLike[str] | None, *,
             warnings.append(f"storage.endpoints[{index}] = {_show(url)} is not encrypted and the store is on "
                             f"another machine, so the store password travels in plaintext; use {secure}:// "
                             "(with storage.ca_file if the store's certificate is not signed by a system CA)")
+    if config.api.insecure and config.api.listen.startswith("unix://"):
+        warnings.append("api.insecure = true has no effect: api.listen is a unix socket, which file permissions "
+                        "protect; remove api.insecure")
+    for name in ("transport", "api"):
+        section = getattr(config, name)
+        if section.insecure and not section.listen.startswith("unix://"):
+            tls = listener_tls_files(config.tls, section)
+            also = " besides TLS connections" if tls["cert"] else ""
+            warnings.append(f"{name}.insecure = true: {name}.listen = {_show(section.listen)} accepts plaintext "
+                            f"connections without certificates{also}; anyone who can reach the port "
+                            f"{'can act as an agent' if name == 'transport' else 'can change units'}")
     try:
         config.runtime.resolved_unit_directory(environ)
     except ConfigError as error:
@@ -523,7 +605,10 @@ def _check_across_sections(sections: dict[str, dict[str, Any]], sources: Mapping
     Also fills in values derived from other keys, such as storage.path.
     """
     _check_storage(sections["storage"], sections["node"], sources, problems)
-    _check_etcd3_plaintext(sections["storage"], problems)
+    if sections["api"].get("socket_group") and not sections["api"].get("listen", "unix://").startswith("unix://"):
+        problems.append(f"{sources['api.socket_group'].where()}: api.socket_group sets the group of a unix "
+                        f"socket, but api.listen = {_show(sections['api']['listen'])} is a TCP address; remove "
+                        "api.socket_group")
     runtime = sections["runtime"]
     if "bus" not in runtime or "unit_directory" not in runtime:
         return
@@ -533,16 +618,46 @@ def _check_across_sections(sections: dict[str, dict[str, Any]], sources: Mapping
             problems.append(problem)
 
 
-def _check_etcd3_plaintext(storage: dict[str, Any], problems: list[str]) -> None:
-    # NOTE: the etcd3 client opens plaintext channels only; TLS to etcd v3 is not built yet.
-    if storage.get("backend") != "etcd3":
-        return
-    tls_urls = [url for url in storage.get("endpoints") or () if url.startswith("https://")]
-    tls_files = [key for key in _STORE_TLS if storage.get(key)]
-    if tls_urls or tls_files:
-        what = f"endpoint {_show(tls_urls[0])}" if tls_urls else f"storage.{tls_files[0]}"
-        problems.append(f"storage.backend = \"etcd3\": {what} asks for TLS, which the etcd3 backend does not "
-                        "support yet; use http:// endpoints on a trusted network, or the etcd2 backend for TLS")
+_TLS_PARTS = ("ca", "cert", "key")
+
+
+def listener_tls_files(tls: Any, section: Any) -> dict[str, str]:
+    """Return the ca, cert and key files of one listener: its own tls_* keys, else those of [tls].
+
+    `tls` and `section` are the built dataclasses or the dicts of values being validated.
+    """
+    def value(owner: Any, key: str) -> str:
+        return (owner.get(key) if isinstance(owner, dict) else getattr(owner, key, "")) or ""
+
+    return {part: value(section, f"tls_{part}") or value(tls, part) for part in _TLS_PARTS}
+
+
+def _check_listeners(sections: dict[str, dict[str, Any]], sources: Mapping[str, _Source],
+                     problems: list[str]) -> None:
+    """Require TLS or an explicit `insecure = true` on every TCP listener."""
+    tls = sections["tls"]
+    for name in ("transport", "api"):
+        section = sections[name]
+        needed = ["listen", "insecure", *(f"tls_{part}" for part in _TLS_PARTS)]
+        if any(key not in section for key in needed) or any(part not in tls for part in _TLS_PARTS):
+            continue  # a key failed its own check, which is reported already
+        listen = section["listen"]
+        if listen.startswith("unix://"):
+            continue
+        files = listener_tls_files(tls, section)
+        given = [part for part in _TLS_PARTS if files[part]]
+        where = sources[f"{name}.listen"].where()
+        if given and len(given) < len(_TLS_PARTS):
+            missing = [part for part in _TLS_PARTS if not files[part]]
+            names = " and ".join(f"tls.{part}" for part in missing)
+            problems.append(f"{where}: TLS needs a CA, a certificate and a key, but {names} "
+                            f"{'is' if len(missing) == 1 else 'are'} not set; set {names} (or "
+                            f"{name}.tls_{missing[0]} for this listener only)")
+        elif not given and not section["insecure"]:
+            problems.append(f"{where}: this TCP listener has no TLS; set tls.ca, tls.cert and tls.key "
+                            "(fleetkit tls init-ca and fleetkit tls issue make them; see docs/security.md), or "
+                            f"set {name}.insecure = true to accept plaintext connections from anyone who can "
+                            "reach the port")
 
 
 _STORE_CREDENTIALS = ("username", "password")
@@ -606,6 +721,11 @@ def _check_store_url_settings(storage: dict[str, Any], endpoints: list[tuple[int
                               source: Callable[[str], _Source], problems: list[str]) -> None:
     """Check the valid store URLs (index, url) against the password and TLS keys."""
     tls_keys = [f"storage.{key}" for key in _STORE_TLS if storage.get(key)]
+    schemes = {urlsplit(url).scheme for _index, url in endpoints}
+    if storage.get("backend") == "etcd3" and schemes == {"http", "https"} and not tls_keys:
+        problems.append(f"{source('endpoints').where()}: the endpoints mix http:// and https://; the etcd3 backend "
+                        "talks to every endpoint the same way, so use https:// for all of them (or http:// on a "
+                        "trusted network)")
     for index, url in endpoints:
         parts = urlsplit(url)
         where = source("endpoints").where(f"[{index}]", url)

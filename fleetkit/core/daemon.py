@@ -2,12 +2,14 @@
 
 Stopping the daemon (SIGTERM, SIGINT) leaves every unit running; a restarted
 daemon adopts them. A leader that stops resigns, so another node takes over
-without waiting for the lease to expire.
+without waiting for the lease to expire. SIGHUP reloads the certificates
+of the TLS listeners for new connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -15,8 +17,9 @@ import signal
 from fleetkit import __version__
 from fleetkit.core import keys, plugins
 from fleetkit.core.agent import Agent
-from fleetkit.core.api import serve_api
+from fleetkit.core.api import ApiServer
 from fleetkit.core.config import Config
+from fleetkit.core.credentials import ExpiryWarnings, ListenerSecurity, earliest_expiry
 from fleetkit.core.election import Election, LeaderRecord
 from fleetkit.core.engine import Engine, LeadershipLost
 from fleetkit.core.errors import FleetkitError, StorageError, StorageUnavailable
@@ -31,6 +34,9 @@ from fleetkit.core.transport import EngineHost, Transport
 from fleetkit.plugins.grpc_transport import GrpcTransport
 
 log = logging.getLogger(__name__)
+
+# How often certificate expiry is checked; warnings repeat once a day.
+CERTIFICATE_CHECK_INTERVAL = 60.0
 
 
 class Daemon:
@@ -61,6 +67,44 @@ class Daemon:
         self.host = EngineHost(self.machine.id)
         self.agent = Agent(self.machine, self.runtime)
         self.advertise = config.transport.advertise_address(public_ip)
+        # Built here so that unreadable or mismatched certificates stop the daemon before it starts anything.
+        self.api = ApiServer(config, self.storage, self.host, self.hooks)
+        # Daemons that do not lead ask the leader for unit states over gRPC,
+        # so a transport that does not serve gRPC gets a gRPC listener beside it.
+        self.grpc_listener = None if self.transport.serves_grpc else GrpcTransport(config, self.storage)
+        self.transport_security = ListenerSecurity.of(config, "transport")
+        self.expiry = ExpiryWarnings(config.tls.expiry_warning)
+
+    def listeners(self) -> list:
+        """Return the TCP gRPC listeners of this daemon."""
+        found = [self.api.listener]
+        for transport in (self.transport, getattr(self.transport, "_grpc", None), self.grpc_listener):
+            found.append(getattr(transport, "listener", None))
+        return [listener for listener in dict.fromkeys(found) if listener is not None]
+
+    def certificate_files(self) -> list[str]:
+        """Return the certificate and CA files this daemon serves and dials with."""
+        files = [path for listener in self.listeners() for path in listener.certificate_files()]
+        tls = self.transport_security.tls
+        if tls is not None:
+            files += [tls.cert, tls.ca]
+        return list(dict.fromkeys(files))
+
+    def reload_certificates(self, reason: str) -> None:
+        """Load the certificate files again for new connections, then warn about expiring ones."""
+        for listener in self.listeners():
+            listener.reload(reason)
+        self.expiry.check(self.certificate_files())
+
+    async def _watch_certificates(self, advertiser: NodeAdvertiser) -> None:
+        """Warn about expiring certificates, and keep the node record's expiry current after rotations."""
+        while True:
+            files = self.certificate_files()
+            self.expiry.check(files)
+            expires = earliest_expiry(files)
+            advertiser.update(dataclasses.replace(
+                advertiser.record, certificate_expires=expires.timestamp() if expires else 0.0))
+            await asyncio.sleep(CERTIFICATE_CHECK_INTERVAL)
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -73,17 +117,21 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.transport.serve(self.host))
-                if not self.transport.serves_grpc:
-                    # Daemons that do not lead ask the leader for unit states over gRPC.
-                    group.create_task(GrpcTransport(self.config, self.storage).serve(self.host))
-                group.create_task(serve_api(self.config.api.listen, self.storage, self.host, self.hooks))
+                if self.grpc_listener is not None:
+                    group.create_task(self.grpc_listener.serve(self.host))
+                group.create_task(self.api.serve())
                 group.create_task(self.agent.run())
                 group.create_task(self.transport.run_agent(self.agent))
+                expires = earliest_expiry(self.certificate_files())
                 record = new_record(
                     self.machine.id, __version__, tuple(plugins.available(plugins.TRANSPORT)),
                     engine=self.config.engine.enabled, address=self.advertise, mode=self.transport.name,
+                    tls=self.transport_security.tls is not None,
+                    certificate_expires=expires.timestamp() if expires else 0.0,
                 )
-                group.create_task(NodeAdvertiser(self.storage, record, ttl=self.config.agent.ttl).run())
+                advertiser = NodeAdvertiser(self.storage, record, ttl=self.config.agent.ttl)
+                group.create_task(advertiser.run())
+                group.create_task(self._watch_certificates(advertiser))
                 if self.config.engine.enabled:
                     group.create_task(self._lead())
         finally:
@@ -110,7 +158,9 @@ class Daemon:
 
     async def _lead(self) -> None:
         """Campaign for leadership and run the engine whenever this node leads."""
-        record = LeaderRecord(machine=self.machine.id, address=self.advertise, version=__version__)
+        security = self.transport_security
+        record = LeaderRecord(machine=self.machine.id, address=self.advertise, version=__version__,
+                              tls=security.tls is not None, plaintext=security.plaintext)
         election = Election(self.storage, key=keys.LEADER, record=record, ttl=self.config.engine.lease_ttl)
         attempts = Attempts(Backoff(initial=0.5, cap=5.0))
         while True:
@@ -197,6 +247,7 @@ async def run_until_signalled(daemon: Daemon) -> None:
     task = asyncio.current_task()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_certificates, "SIGHUP")
     try:
         await daemon.run()
     except asyncio.CancelledError:

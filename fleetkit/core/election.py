@@ -35,15 +35,23 @@ DEFAULT_KEY = "leader"
 
 @dataclass(frozen=True, slots=True)
 class LeaderRecord:
-    """Contents of the leader key: the leading machine, its address and its fleetkit version."""
+    """Contents of the leader key: the leading machine, its address and its fleetkit version.
+
+    `tls` and `plaintext` tell how the leader's transport listener accepts
+    connections, so agents dial it the way it answers. Records written
+    before listeners had TLS have neither and read as plaintext only.
+    """
 
     machine: str
     address: str
     version: str
+    tls: bool = False
+    plaintext: bool = True
 
     def to_json(self) -> bytes:
         return json.dumps(
-            {"machine": self.machine, "address": self.address, "version": self.version},
+            {"machine": self.machine, "address": self.address, "version": self.version, "tls": self.tls,
+             "plaintext": self.plaintext},
             sort_keys=True,
         ).encode()
 
@@ -61,6 +69,11 @@ class LeaderRecord:
             value = fields.get(name)
             if not isinstance(value, str):
                 raise ValueError(f"leader record field {name!r} must be a string, got {value!r}")
+            values[name] = value
+        for name, default in (("tls", False), ("plaintext", True)):
+            value = fields.get(name, default)
+            if not isinstance(value, bool):
+                raise ValueError(f"leader record field {name!r} must be true or false, got {value!r}")
             values[name] = value
         return cls(**values)
 

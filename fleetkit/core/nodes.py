@@ -37,6 +37,9 @@ class NodeRecord:
     address: str = ""
     started: float = field(default=0.0)
     mode: str = ""
+    # Whether the transport listener takes TLS, and when the earliest of its certificates expires (0: none).
+    tls: bool = False
+    certificate_expires: float = 0.0
 
     def to_json(self) -> bytes:
         return json.dumps({**asdict(self), "transports": list(self.transports)}).encode()
@@ -49,6 +52,7 @@ class NodeRecord:
             transports=tuple(str(name) for name in raw.get("transports", ())),
             engine=bool(raw.get("engine", True)), address=str(raw.get("address", "")),
             started=float(raw.get("started", 0.0)), mode=str(raw.get("mode", "")),
+            tls=bool(raw.get("tls", False)), certificate_expires=float(raw.get("certificate_expires", 0.0)),
         )
 
 
@@ -97,6 +101,17 @@ class NodeAdvertiser:
         self._storage = storage
         self._record = record
         self._ttl = ttl
+        self._changed = asyncio.Event()
+
+    @property
+    def record(self) -> NodeRecord:
+        return self._record
+
+    def update(self, record: NodeRecord) -> None:
+        """Advertise `record` instead, on the same lease, as soon as possible."""
+        if record != self._record:
+            self._record = record
+            self._changed.set()
 
     async def run(self) -> None:
         """Write the record on a lease and renew it every third of the TTL; re-create it after any loss."""
@@ -105,11 +120,19 @@ class NodeAdvertiser:
             lease = 0
             try:
                 lease = await self._storage.grant_lease(self._ttl)
+                self._changed.clear()
                 await self._storage.put(keys.node_key(self._record.machine), self._record.to_json(), lease=lease)
                 attempts.reset()
                 while True:
-                    await asyncio.sleep(self._ttl / 3)
-                    await self._storage.refresh_lease(lease)
+                    try:
+                        async with asyncio.timeout(self._ttl / 3):
+                            await self._changed.wait()
+                    except TimeoutError:
+                        await self._storage.refresh_lease(lease)
+                        continue
+                    self._changed.clear()
+                    await self._storage.put(keys.node_key(self._record.machine), self._record.to_json(),
+                                            lease=lease)
             except LeaseExpired:
                 log.warning("the node record of %s expired; writing it again", self._record.machine)
             except StorageError as error:
@@ -131,8 +154,9 @@ class NodeAdvertiser:
 
 def new_record(
     machine: str, version: str, transports: tuple[str, ...], *, engine: bool, address: str, mode: str,
+    tls: bool = False, certificate_expires: float = 0.0,
 ) -> NodeRecord:
     return NodeRecord(
         machine=machine, version=version, transports=transports, engine=engine, address=address,
-        started=time.time(), mode=mode,
+        started=time.time(), mode=mode, tls=tls, certificate_expires=certificate_expires,
     )

@@ -1,19 +1,25 @@
 """The etcd v3 storage backend.
 
-`Etcd3Storage` keeps fleetkit's state in etcd 3.4 or later over gRPC. aetcd
-opens the channel and authenticates, but requests go through its generated
-stubs directly, because aetcd's high-level calls drop response headers (the
-store revision of a write or list) and split watch responses into single
-events.
+`Etcd3Storage` keeps fleetkit's state in etcd 3.4 or later over gRPC, through
+the generated stubs that aetcd ships. aetcd's own client is not used: its
+high-level calls drop response headers (the store revision of a write or list)
+and split watch responses into single events, and it opens plaintext channels
+only.
+
+TLS: the backend dials ``https://`` endpoints over TLS, verifies etcd's
+certificate with ``[storage] ca_file`` (the system CAs when empty), and
+presents the client certificate of ``cert_file`` and ``key_file`` when set,
+as etcd's ``--client-cert-auth`` requires. The files are read at every dial.
+All endpoints must use the same scheme, so no request falls back to plaintext.
 
 Connections: the backend talks to one endpoint at a time. When a request to
 it fails with "unavailable" or times out, the connection is dropped, and the
 next request dials the endpoints in order, starting after the one that failed.
 Requests never retry by themselves; `watch` does, as the storage contract
 requires. `fleetkit.plugins.etcd3_endpoints` parses the endpoint URLs and
-defines the connection to one endpoint.
+opens the connection to one endpoint.
 
-Errors of grpc and aetcd are translated here, once, into `StorageUnavailable`,
+Errors of grpc are translated here, once, into `StorageUnavailable`,
 `LeaseExpired`, `FencingError`, `CompactedError` or `StorageError`, with the
 original chained as the cause.
 """
@@ -28,7 +34,6 @@ import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import aetcd
 import grpc
 from aetcd import rpc
 
@@ -43,10 +48,13 @@ from fleetkit.core.errors import (
 from fleetkit.core.retry import Attempts, Backoff
 from fleetkit.core.storage import Capabilities, EventType, Fence, KeyValue, Storage, WatchEvent
 from fleetkit.plugins.etcd3_endpoints import (  # noqa: F401 (DEFAULT_PORT and Endpoint are re-exported)
-    _CHANNEL_OPTIONS,
     DEFAULT_PORT,
     Endpoint,
+    TlsFileError,
+    TlsFiles,
     _Connection,
+    describe_tls_failure,
+    open_connection,
     parse_endpoint,
 )
 
@@ -97,6 +105,9 @@ class Etcd3Storage(Storage):
 
     `dial_timeout` bounds connecting to one endpoint, `request_timeout` bounds
     each request, both in seconds. A prefix without a trailing "/" gets one.
+    `ca_file`, `cert_file` and `key_file` are PEM files for ``https://``
+    endpoints: the CAs that verify etcd ("" for the system CAs) and the client
+    certificate with its key.
     """
 
     name = "etcd3"
@@ -110,12 +121,17 @@ class Etcd3Storage(Storage):
         dial_timeout: float = 5.0,
         request_timeout: float = 5.0,
         watch_backoff: Backoff | None = None,
+        ca_file: str = "",
+        cert_file: str = "",
+        key_file: str = "",
     ):
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         if not endpoints:
             raise ConfigError(["[storage] endpoints is empty; list at least one etcd URL such as http://127.0.0.1:2379"])
         self.endpoints = [parse_endpoint(text) for text in endpoints]
+        self.tls_files = TlsFiles(ca_file, cert_file, key_file)
+        _check_tls_settings(self.endpoints, self.tls_files)
         self.prefix = prefix if prefix == "" or prefix.endswith("/") else prefix + "/"
         self._prefix_bytes = self.prefix.encode()
         self.dial_timeout = float(dial_timeout)
@@ -124,6 +140,10 @@ class Etcd3Storage(Storage):
         self._current: _Connection | None = None
         self._next_index = 0
         self._dial_lock = asyncio.Lock()
+        # Before the first successful dial, a TLS problem is a configuration
+        # mistake and raises StorageError. After it, the likely cause is a server
+        # or file being replaced, so it raises StorageUnavailable and callers retry.
+        self._dialled_once = False
         self._closed = asyncio.Event()
         self._watch_calls: set[Any] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -141,6 +161,9 @@ class Etcd3Storage(Storage):
             prefix=storage_config.prefix,
             dial_timeout=storage_config.dial_timeout,
             request_timeout=storage_config.request_timeout,
+            ca_file=getattr(storage_config, "ca_file", ""),
+            cert_file=getattr(storage_config, "cert_file", ""),
+            key_file=getattr(storage_config, "key_file", ""),
         )
 
     def describe(self) -> str:
@@ -159,7 +182,7 @@ class Etcd3Storage(Storage):
             call.cancel()
         if self._current is not None:
             connection, self._current = self._current, None
-            await self._close_client(connection.client)
+            await self._close_connection(connection)
 
     async def _connection(self) -> _Connection:
         if self._closed.is_set():
@@ -176,38 +199,60 @@ class Etcd3Storage(Storage):
         """Connect to the first endpoint that responds, trying each once in order."""
         count = len(self.endpoints)
         reasons: list[str] = []
+        tls_problems: list[str] = []
+        last_error: BaseException | None = None
         for offset in range(count):
             index = (self._next_index + offset) % count
             endpoint = self.endpoints[index]
-            client = aetcd.Client(endpoint.host, endpoint.port, username=endpoint.username, password=endpoint.password,
-                                  timeout=self.request_timeout, options=dict(_CHANNEL_OPTIONS))
             try:
                 async with asyncio.timeout(self.dial_timeout):
-                    await client.connect()
-                    connection = _Connection(endpoint, index, client)
-                    await connection.maintenance.Status(rpc.StatusRequest(), metadata=connection.metadata)
-            except (grpc.aio.AioRpcError, aetcd.ClientError, TimeoutError, OSError) as error:
-                cause = error.__cause__ or error
-                reason = _failure_reason(cause, self.dial_timeout)
-                if isinstance(cause, grpc.aio.AioRpcError) and cause.code() in _CREDENTIAL_CODES:
-                    await self._close_client(client)
+                    connection = await open_connection(endpoint, index, self.tls_files, timeout=self.request_timeout)
+                    try:
+                        await connection.maintenance.Status(rpc.StatusRequest(), metadata=connection.metadata)
+                    except BaseException:
+                        await self._close_connection(connection)
+                        raise
+            except TlsFileError as error:
+                # The same files serve every endpoint, so trying the others cannot help.
+                raise self._dial_failure(str(error)) from None
+            except (grpc.aio.AioRpcError, TimeoutError, OSError) as error:
+                reason = _failure_reason(error, self.dial_timeout)
+                if isinstance(error, grpc.aio.AioRpcError) and error.code() in _CREDENTIAL_CODES:
                     raise StorageError(
-                        f"etcd at {endpoint.url} rejected the credentials ({reason}); "
-                        "check the user and password in [storage] endpoints"
+                        f"etcd at {endpoint.url} rejected the credentials ({reason}); check storage.username "
+                        "and storage.password, or the user and password in storage.endpoints"
                     ) from error
-                reasons.append(reason if count == 1 else f"{endpoint.url}: {reason}")
+                details = (error.details() or "") if isinstance(error, grpc.aio.AioRpcError) else ""
+                tls_problem = describe_tls_failure(details, endpoint, self.tls_files)
+                if tls_problem:
+                    tls_problems.append(tls_problem)
+                    reasons.append(tls_problem)  # names the endpoint itself
+                else:
+                    if not endpoint.tls and "socket closed" in details.lower():
+                        reason += "; if etcd serves TLS on this port, use https:// endpoints"
+                    reasons.append(reason if count == 1 else f"{endpoint.url}: {reason}")
                 log.debug("etcd endpoint %s failed to respond: %s", endpoint.url, reason)
-                await self._close_client(client)
                 last_error = error
                 continue
+            for problem in tls_problems:
+                log.warning("skipped an etcd endpoint: %s", problem)
             if offset or reasons:
                 log.info("connected to etcd at %s", endpoint.url)
+            self._dialled_once = True
             return connection
+        if tls_problems:
+            raise self._dial_failure("; ".join(reasons)) from last_error
         urls = ", ".join(endpoint.url for endpoint in self.endpoints)
         raise StorageUnavailable(
             f"etcd at {urls} is unreachable ({'; '.join(reasons)}); "
             "check [storage] endpoints and that etcd is running"
         ) from last_error
+
+    def _dial_failure(self, message: str) -> StorageError:
+        """Return the error of a dial that failed because of TLS; see `_dialled_once`."""
+        if self._dialled_once:
+            return StorageUnavailable(message)
+        return StorageError(message)
 
     def _discard(self, connection: _Connection) -> None:
         """Forget a failed connection so that the next request dials again."""
@@ -216,17 +261,17 @@ class Etcd3Storage(Storage):
             self._next_index = (connection.index + 1) % len(self.endpoints)
             # Closing cancels the other calls still open on this channel, and
             # they fail over to the new connection as well.
-            task = asyncio.get_running_loop().create_task(self._close_client(connection.client))
+            task = asyncio.get_running_loop().create_task(self._close_connection(connection))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
     @staticmethod
-    async def _close_client(client: aetcd.Client) -> None:
+    async def _close_connection(connection: _Connection) -> None:
         try:
             async with asyncio.timeout(2.0):
-                await client.close()
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError, aetcd.ClientError, OSError) as error:
-            log.debug("closing etcd client failed: %s", error)
+                await connection.close()
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, OSError) as error:
+            log.debug("closing the etcd channel to %s failed: %s", connection.endpoint.url, error)
 
     @contextlib.asynccontextmanager
     async def _request(self, action: str) -> AsyncIterator[_Connection]:
@@ -248,6 +293,10 @@ class Etcd3Storage(Storage):
         expired_token = "invalid auth token" in (error.details() or "") if code else False
         if code is None or code in _UNAVAILABLE_CODES or expired_token:
             self._discard(connection)
+            details = (error.details() or "") if code else ""
+            tls_problem = describe_tls_failure(details, connection.endpoint, self.tls_files)
+            if tls_problem:
+                return StorageUnavailable(f"etcd {action} failed: {tls_problem}")
             return StorageUnavailable(
                 f"etcd {action} failed at {connection.endpoint.url} ({reason}); "
                 "check that etcd is running, then retry"
@@ -496,6 +545,26 @@ class Etcd3Storage(Storage):
         if event.type == rpc.Event.DELETE:
             return WatchEvent(EventType.DELETE, key, None, event.kv.mod_revision)
         return WatchEvent(EventType.PUT, key, bytes(event.kv.value), event.kv.mod_revision)
+
+
+def _check_tls_settings(endpoints: list[Endpoint], files: TlsFiles) -> None:
+    """Raise `ConfigError` when endpoints mix http and https, or TLS files come with http endpoints only."""
+    plain = [endpoint.url for endpoint in endpoints if not endpoint.tls]
+    if plain and len(plain) < len(endpoints):
+        raise ConfigError([
+            f"storage.endpoints mixes https:// and http:// URLs ({', '.join(plain)} without TLS); use https:// "
+            "for every etcd endpoint, so that no request or password falls back to plaintext"
+        ])
+    if plain and files.any:
+        settings = [f"storage.{name}" for name in ("ca_file", "cert_file", "key_file") if getattr(files, name)]
+        verb = "needs" if len(settings) == 1 else "need"
+        raise ConfigError([
+            f"{' and '.join(settings)} {verb} https:// endpoints, but storage.endpoints are plain http "
+            f"({', '.join(plain)}); write https:// URLs, or remove the TLS settings"
+        ])
+    if bool(files.cert_file) != bool(files.key_file):
+        raise ConfigError(["storage.cert_file and storage.key_file must be set together: a client certificate "
+                           "needs its private key"])
 
 
 def _with_credentials(url: str, username: str, password: str) -> str:

@@ -4,6 +4,10 @@ Machine presence and unit states travel only over these streams and live in
 the leader's memory; storage contains only the persistent state. Agents find
 the leader through the leader record and reconnect with backoff when the
 stream breaks, sending their full state again on every new stream.
+
+The listener on ``[transport] listen`` is a `fleetkit.core.listener.GrpcListener`:
+with TLS only node certificates may use it. Agents dial the leader with
+TLS or plaintext as the leader record says its listener accepts.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import random
 import grpc
 
 from fleetkit.core.agent import Agent
-from fleetkit.core.election import read_leader
+from fleetkit.core.credentials import ListenerSecurity, open_channel
+from fleetkit.core.election import LeaderRecord, read_leader
 from fleetkit.core.errors import StorageError, TransportError
+from fleetkit.core.listener import GrpcListener
 from fleetkit.core.states import ChangeMessage, DesiredUnit, MachineInfo, SnapshotMessage, UnitState
+from fleetkit.core.tls import TlsError
 from fleetkit.core.transport import EngineHost, Transport
 from fleetkit.rpc import transport_pb2 as pb
 from fleetkit.rpc import transport_pb2_grpc as pb_grpc
@@ -173,21 +180,28 @@ class GrpcTransport(Transport):
     # Leader election needs leases; the schedule needs writes that are never lost or reordered.
     required_capabilities = frozenset({"lease_ttl", "linearizable_writes"})
 
+    def __init__(self, config, storage):
+        super().__init__(config, storage)
+        self.security = ListenerSecurity.of(config, "transport")
+        self._host: EngineHost | None = None
+        self.listener = GrpcListener(
+            config.transport.listen, self.security, self._register, what="engine transport",
+            reload_interval=config.tls.reload_interval,
+        )
+
+    def _register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_AgentTransportServicer_to_server(AgentTransportServicer(self._host), server)
+
     async def serve(self, host: EngineHost) -> None:
-        server = grpc.aio.server()
-        pb_grpc.add_AgentTransportServicer_to_server(AgentTransportServicer(host), server)
-        listen = self.config.transport.listen
-        # NOTE: the agent transport has no TLS yet, so anyone who reaches the port can act as an agent.
-        warn_if_plaintext("transport.listen", listen)
-        port = server.add_insecure_port(listen)
-        if port == 0:
-            raise TransportError(f"cannot listen on transport.listen = {listen!r}; is the port in use?")
-        await server.start()
-        log.info("engine transport listening on %s", listen)
+        self._host = host
         try:
-            await server.wait_for_termination()
-        finally:
-            await server.stop(grace=1.0)
+            await self.listener.serve()
+        except OSError as error:
+            raise TransportError(str(error)) from None
+
+    def channel(self, leader: LeaderRecord) -> grpc.aio.Channel:
+        """Open a channel to the leader's transport listener, with TLS when both sides have it."""
+        return open_channel(leader.address, self.security, peer_tls=leader.tls, peer_plaintext=leader.plaintext)
 
     async def run_agent(self, agent: Agent) -> None:
         await agent.wait_adopted()
@@ -195,10 +209,10 @@ class GrpcTransport(Transport):
         last_error = ""
         while True:
             try:
-                address = await self._leader_address()
-                await self._session(agent, address)
+                leader = await self._leader()
+                await self._session(agent, leader)
                 delay = BACKOFF_INITIAL
-            except (TransportError, StorageError, grpc.aio.AioRpcError, TimeoutError) as error:
+            except (TransportError, StorageError, TlsError, grpc.aio.AioRpcError, TimeoutError) as error:
                 message = _describe(error)
                 if message != last_error:
                     log.warning("agent is not connected to the leader: %s; retrying", message)
@@ -209,17 +223,18 @@ class GrpcTransport(Transport):
             delay = min(BACKOFF_MAX, delay * 2)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
-    async def _leader_address(self) -> str:
+    async def _leader(self) -> LeaderRecord:
         found = await read_leader(self.storage)
         if found is None:
             raise TransportError("no leader is elected yet")
         record, _revision = found
-        return record.address
+        return record
 
-    async def _session(self, agent: Agent, address: str, *, snapshot_timeout: float = SNAPSHOT_TIMEOUT,
+    async def _session(self, agent: Agent, leader: LeaderRecord, *, snapshot_timeout: float = SNAPSHOT_TIMEOUT,
                        on_connected=None) -> None:
         heartbeat_interval = max(0.5, self.config.agent.ttl / 4)
-        async with grpc.aio.insecure_channel(address) as channel:
+        address = leader.address
+        async with self.channel(leader) as channel:
             stub = pb_grpc.AgentTransportStub(channel)
             call = stub.Connect()
             hello = pb.AgentHello(
@@ -264,17 +279,6 @@ class GrpcTransport(Transport):
                 continue
             update = pb.StateUpdate(changed=[state_to_pb(state) for state in changed], removed=removed)
             await call.write(pb.AgentMessage(states=update))
-
-
-def warn_if_plaintext(setting: str, listen: str) -> None:
-    """Log a warning when a plaintext listener is reachable from other hosts."""
-    host = listen.rpartition(":")[0].strip("[]")
-    if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127."):
-        return
-    log.warning(
-        "%s = %s serves plaintext gRPC without authentication to other hosts; "
-        "bind it to a trusted network only", setting, listen,
-    )
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

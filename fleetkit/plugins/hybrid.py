@@ -18,9 +18,10 @@ import time
 import grpc
 
 from fleetkit.core.agent import Agent
-from fleetkit.core.election import read_leader
+from fleetkit.core.election import LeaderRecord, read_leader
 from fleetkit.core.errors import StorageError, TransportError
 from fleetkit.core.nodes import read_nodes
+from fleetkit.core.tls import TlsError
 from fleetkit.core.transport import EngineHost, Transport
 from fleetkit.plugins.etcd_watch import EtcdWatchTransport
 from fleetkit.plugins.grpc_transport import GrpcTransport
@@ -66,7 +67,7 @@ class HybridTransport(Transport):
         await agent.wait_adopted()
         while True:
             try:
-                _address, offers_grpc = await self._leader()
+                _record, offers_grpc = await self._leader()
             except (StorageError, TransportError) as error:
                 log.warning("agent cannot find the leader, retrying: %s", error)
                 await asyncio.sleep(1.0)
@@ -83,7 +84,7 @@ class HybridTransport(Transport):
                 await self._storage_until(agent, self._grpc_works, failure)
                 log.info("returning to gRPC: the leader answers again")
 
-    async def _leader(self) -> tuple[str, bool]:
+    async def _leader(self) -> tuple[LeaderRecord, bool]:
         found = await read_leader(self.storage)
         if found is None:
             raise TransportError("no leader is elected yet")
@@ -91,11 +92,11 @@ class HybridTransport(Transport):
         nodes = await read_nodes(self.storage)
         node = nodes.get(record.machine)
         offers = node is None or node.mode in GRPC_MODES
-        return record.address, offers
+        return record, offers
 
     async def _leader_offers_grpc(self) -> bool:
         try:
-            _address, offers = await self._leader()
+            _record, offers = await self._leader()
         except (StorageError, TransportError):
             return False
         return offers
@@ -118,13 +119,13 @@ class HybridTransport(Transport):
                 connected = True
 
             try:
-                address, offers = await self._leader()
+                leader, offers = await self._leader()
                 if not offers:
                     return ""
                 remaining = max(0.1, window - (time.monotonic() - failing_since))
-                await self._grpc._session(agent, address, snapshot_timeout=remaining, on_connected=on_connected)
+                await self._grpc._session(agent, leader, snapshot_timeout=remaining, on_connected=on_connected)
                 failure = "the leader ended the stream"
-            except (TransportError, StorageError, grpc.aio.AioRpcError, TimeoutError) as error:
+            except (TransportError, StorageError, TlsError, grpc.aio.AioRpcError, TimeoutError) as error:
                 failure = _describe(error)
             if connected:
                 return ""
@@ -134,12 +135,13 @@ class HybridTransport(Transport):
 
     async def _grpc_works(self) -> bool:
         try:
-            address, offers = await self._leader()
-        except (StorageError, TransportError):
+            leader, offers = await self._leader()
+            if not offers:
+                return False
+            channel = self._grpc.channel(leader)
+        except (StorageError, TransportError, TlsError):
             return False
-        if not offers:
-            return False
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with channel:
             try:
                 await asyncio.wait_for(channel.channel_ready(), PROBE_TIMEOUT)
             except (TimeoutError, grpc.aio.AioRpcError):

@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetkit.cli.devcluster import etcd_storage_section, free_port, node_config
+from fleetkit.cli.devcluster import etcd_storage_section, free_port, issue_dev_certificates, node_config
+from fleetkit.core.tls import issue
+from fleetkit.testing import logscan
 from fleetkit.core.durations import format_duration
 from fleetkit.usermanager import UserManager, start_user_manager
 
@@ -44,9 +46,13 @@ class Node:
     # Transport port, metadata, lease TTL, agent TTL, transport mode and extra [transport] lines
     # (where "{port}" stands for the transport port), to write the config again.
     config_args: tuple = ()
+    # The control API's TCP port when the cluster uses TLS; 0 for the unix socket.
+    api_port: int = 0
 
     @property
     def endpoint(self) -> str:
+        if self.api_port:
+            return f"127.0.0.1:{self.api_port}"
         return f"unix://{self.directory / 'fleetkit.sock'}"
 
     @property
@@ -58,7 +64,7 @@ class Node:
         return self.directory / "daemon.log"
 
     async def start(self) -> None:
-        """Start the daemon and wait until its control API socket exists."""
+        """Start the daemon and wait until its control API listens."""
         self.socket_path.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         self.log_files.append(log)
@@ -67,12 +73,22 @@ class Node:
             stdout=log, stderr=log, start_new_session=True,
         )
         deadline = time.monotonic() + DAEMON_READY_TIMEOUT
-        while not self.socket_path.exists():
+        while not await self._api_listens():
             if self.process.returncode is not None:
                 raise RuntimeError(f"daemon {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"daemon {self.name} did not start:\n{self.log_tail()}")
             await asyncio.sleep(0.1)
+
+    async def _api_listens(self) -> bool:
+        if not self.api_port:
+            return self.socket_path.exists()
+        try:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", self.api_port)
+        except OSError:
+            return False
+        writer.close()
+        return True
 
     async def kill(self) -> None:
         """SIGKILL the daemon, as a crash would."""
@@ -163,17 +179,24 @@ class TestCluster:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, directory: Path, etcd_url: str = "", *, storage_section: str = "", storage_factory=None):
+    def __init__(self, directory: Path, etcd_url: str = "", *, storage_section: str = "", storage_factory=None,
+                 tls: bool = False, tls_extra: str = ""):
         """Nodes use `storage_section` as their ``[storage]`` table, or etcd v3 at `etcd_url`.
 
         `storage_factory()` returns a connected client of the same store; by
-        default an etcd v3 client of `etcd_url`.
+        default an etcd v3 client of `etcd_url`. With `tls`, the cluster gets a
+        CA in ``<directory>/tls``, every node a node certificate, and the
+        control API listens on TCP with TLS; `cli` then uses the admin
+        certificate. `tls_extra` adds lines to each node's ``[tls]`` table.
         """
         self.directory = directory
         self.etcd_url = etcd_url
         self.storage_section = storage_section or etcd_storage_section(etcd_url)
         self._storage_factory = storage_factory
         self.nodes: dict[str, Node] = {}
+        self.tls_dir = directory / "tls" if tls else None
+        self.tls_extra = tls_extra
+        self.client_files: dict[str, Path] = {}
 
     async def add_node(
         self, name: str, metadata: dict[str, str] | None = None, *, lease_ttl: str = "4s", agent_ttl: str = "8s",
@@ -185,6 +208,11 @@ class TestCluster:
         config_path = node_dir / "cluster.toml"
         node = Node(name=name, directory=node_dir, manager=manager, config_path=config_path)
         node.config_args = (free_port(), metadata or {}, lease_ttl, agent_ttl, transport, transport_extra)
+        if self.tls_dir is not None:
+            if not self.client_files:
+                self.client_files = issue_dev_certificates(self.tls_dir, [])
+            issue(self.tls_dir, self.tls_dir, name=name, role="node", ips=["127.0.0.1"], dns=["localhost"])
+            node.api_port = free_port()
         node.config_path.write_text(self._config_text(node))
         self.nodes[name] = node
         return node
@@ -195,7 +223,7 @@ class TestCluster:
         return node_config(
             self.directory, node.name, self.storage_section, port, node.manager, metadata,
             lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl, transport=transport,
-            transport_extra=extra,
+            transport_extra=extra, tls_dir=self.tls_dir, api_port=node.api_port, tls_extra=self.tls_extra,
         )
 
     def set_transport(self, name: str, mode: str) -> None:
@@ -234,6 +262,14 @@ class TestCluster:
             await node.manager.stop()
             for log in node.log_files:
                 log.close()
+        # Keep what the daemons logged, and the secrets they were given, for the scan at the end of a test run.
+        for line in self.storage_section.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "password":
+                logscan.register_secret(json.loads(value.strip()))
+        logscan.register_key_files(self.directory)
+        for node in self.nodes.values():
+            logscan.archive_file(node.log_path, f"daemon-{node.name}")
 
     def endpoint(self, exclude: str | None = None) -> str:
         for node in self.nodes.values():
@@ -241,15 +277,28 @@ class TestCluster:
                 return node.endpoint
         raise RuntimeError("no daemon is running\n" + self.logs())
 
-    async def cli(self, *args: str, endpoint: str | None = None, timeout: float = 120.0) -> CliResult:
-        """Run the real ``fleetkit`` CLI in a subprocess and return its exit code and output."""
-        env = {**os.environ, "FLEETKIT_ENDPOINT": endpoint or self.endpoint()}
+    def client_env(self, identity: str = "admin") -> dict[str, str]:
+        """Return the environment that makes the CLI use the client certificate `identity` ("admin", "viewer")."""
+        if not self.client_files:
+            return {}
+        return {"FLEETKIT_CA_FILE": str(self.client_files["ca"]),
+                "FLEETKIT_CERT_FILE": str(self.client_files[identity]),
+                "FLEETKIT_KEY_FILE": str(self.client_files[f"{identity}-key"])}
+
+    async def cli(self, *args: str, endpoint: str | None = None, timeout: float = 120.0,
+                  env: dict[str, str] | None = None) -> CliResult:
+        """Run the real ``fleetkit`` CLI in a subprocess and return its exit code and output.
+
+        On a TLS cluster the CLI uses the admin certificate unless `env` says otherwise.
+        """
+        env = {**os.environ, **self.client_env(), **(env or {}), "FLEETKIT_ENDPOINT": endpoint or self.endpoint()}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "fleetkit", *args,
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         async with asyncio.timeout(timeout):
             stdout, stderr = await process.communicate()
+        logscan.archive_text(stdout.decode(errors="replace") + stderr.decode(errors="replace"), "cli")
         return CliResult(process.returncode, stdout.decode(), stderr.decode())
 
     async def leader(self) -> str:

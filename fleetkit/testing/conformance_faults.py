@@ -24,6 +24,7 @@ from fleetkit.core.election import Election, LeaderRecord
 from fleetkit.core.errors import StorageUnavailable
 from fleetkit.core.plugins import STORAGE, load_driver
 from fleetkit.core.retry import Backoff, retry
+from fleetkit.testing import logscan
 from fleetkit.testing.conformance_support import ConformanceBase, clients, unique_prefix
 from fleetkit.testing.leader_probe import WRITE_DEADLINE, WRITE_KEY
 
@@ -105,6 +106,7 @@ class FaultTests(ConformanceBase):
         if not config.endpoints:
             pytest.skip(f"the {harness.backend} store has no endpoint to make unreachable")
         password = f"pw-{uuid.uuid4().hex}"
+        logscan.register_secret(password)
         unreachable, address = _unreachable(config, harness.directory, password)
         storage = load_driver(STORAGE, harness.backend).from_config(unreachable)
         caplog.set_level(logging.DEBUG)

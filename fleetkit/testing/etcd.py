@@ -4,6 +4,10 @@
 peer ports and its own data directory. It can be stopped, killed with
 SIGKILL, paused and restarted on the same ports and data, which is what the
 reconnect and fencing tests need. It only ever signals the process it started.
+Given `EtcdTlsFiles` (see `write_tls_files`), it serves clients over TLS
+only, at ``https://127.0.0.1:PORT``, and requires a client certificate signed
+by the test CA (``--client-cert-auth``); the peer URL stays plain http on
+loopback, since a single member has no peers to talk to.
 
 Fixtures: `etcd_server` is one server shared by a whole test session.
 `etcd_storage` is a connected `Etcd3Storage` on that server, under a key
@@ -25,13 +29,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from fleetkit.core.tls import init_ca, issue
 from fleetkit.plugins.etcd3 import Etcd3Storage
 from fleetkit.core.netinfo import free_port  # noqa: F401 - also imported from here
 
@@ -51,10 +58,40 @@ def find_etcd_binary() -> str | None:
     return shutil.which("etcd")
 
 
-class EtcdServer:
-    """One etcd process on loopback, restartable on the same ports and data directory."""
+@dataclass(frozen=True)
+class EtcdTlsFiles:
+    """A test CA and the certificates it signed for an etcd server and for its client, as PEM files."""
 
-    def __init__(self, data_dir: Path, *, binary: str | None = None, name: str = "fleetkit-test"):
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def write_tls_files(directory: Path) -> EtcdTlsFiles:
+    """Create a CA in `directory` and issue etcd's and a client's certificates, both valid for 127.0.0.1.
+
+    Both certificates have the role "node", whose extended key usage allows
+    server and client authentication alike.
+    """
+    ca_directory = directory / "ca"
+    ca_file = init_ca(ca_directory, name="etcd test CA", days=2)
+    server_cert, server_key = issue(ca_directory, directory, name="etcd-server", role="node",
+                                    ips=["127.0.0.1"], dns=[], days=2)
+    client_cert, client_key = issue(ca_directory, directory, name="fleetkit-client", role="node",
+                                    ips=["127.0.0.1"], dns=[], days=2)
+    return EtcdTlsFiles(ca_file, server_cert, server_key, client_cert, client_key)
+
+
+class EtcdServer:
+    """One etcd process on loopback, restartable on the same ports and data directory.
+
+    With `tls`, clients must connect over TLS and present a certificate signed by `tls.ca_file`.
+    """
+
+    def __init__(self, data_dir: Path, *, binary: str | None = None, name: str = "fleetkit-test",
+                 tls: EtcdTlsFiles | None = None):
         found = binary or find_etcd_binary()
         if found is None:
             raise RuntimeError(f"etcd executable not found; install etcd or set {ETCD_BINARY_ENV}")
@@ -65,12 +102,14 @@ class EtcdServer:
         self.client_port = free_port(self.host)
         self.peer_port = free_port(self.host)
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.tls = tls
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def client_url(self) -> str:
-        """The URL clients connect to, such as ``http://127.0.0.1:23791``."""
-        return f"http://{self.host}:{self.client_port}"
+        """The URL clients connect to, such as ``http://127.0.0.1:23791`` (``https://`` with TLS)."""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -86,7 +125,7 @@ class EtcdServer:
         return self._process is not None and self._process.poll() is None
 
     def _command(self) -> list[str]:
-        return [
+        command = [
             self.binary,
             "--name", self.name,
             "--data-dir", str(self.data_dir),
@@ -99,6 +138,14 @@ class EtcdServer:
             "--logger", "zap",
             "--log-level", "warn",
         ]
+        if self.tls:
+            command += [
+                "--client-cert-auth",
+                "--trusted-ca-file", str(self.tls.ca_file),
+                "--cert-file", str(self.tls.server_cert),
+                "--key-file", str(self.tls.server_key),
+            ]
+        return command
 
     def start(self, timeout: float = 20.0) -> None:
         """Start etcd and wait until /health reports a leader.
@@ -130,8 +177,12 @@ class EtcdServer:
 
     def healthy(self) -> bool:
         """Return True when etcd's /health endpoint reports a leader."""
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
         try:
-            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1.0) as response:
+            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1.0, context=context) as response:
                 return json.loads(response.read()).get("health") == "true"
         except (OSError, ValueError, urllib.error.URLError):
             return False

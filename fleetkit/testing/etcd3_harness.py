@@ -1,22 +1,26 @@
-"""The conformance harness of the etcd3 backend: one throw-away etcd per test.
+"""The conformance harnesses of the etcd3 backend: one throw-away etcd per test.
 
 `Etcd3Harness` runs an `EtcdServer` with short raft timings, so that a
 single-member etcd elects itself in about 0.1 s instead of a second, and
-discards history with etcd's compaction.
+discards history with etcd's compaction. `Etcd3TlsHarness` is the same
+server serving clients over TLS only and requiring client certificates; its
+`storage_config` has https endpoints and the CA, certificate and key files.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import ClassVar
 
-import aetcd
+from aetcd import rpc
 
 from fleetkit.core.config import StorageConfig
 from fleetkit.core.storage import Storage
+from fleetkit.plugins.etcd3_endpoints import TlsFiles, open_channel, parse_endpoint
 from fleetkit.testing.conformance import StoreHarness
 from fleetkit.testing.conformance_support import wait_until
-from fleetkit.testing.etcd import EtcdServer
+from fleetkit.testing.etcd import EtcdServer, write_tls_files
 
 # Seconds; short so that the paused-server test stays quick, long enough for a loaded CI machine.
 DIAL_TIMEOUT = 2.0
@@ -47,10 +51,13 @@ class Etcd3Harness(StoreHarness):
 
     backend = "etcd3"
     durable = True
+    # Whether etcd serves TLS and requires client certificates.
+    tls: ClassVar[bool] = False
 
     def __init__(self, directory: Path):
         super().__init__(directory)
-        self.server = _QuickEtcdServer(self.directory / "data")
+        self.tls_files = write_tls_files(self.directory / "tls") if self.tls else None
+        self.server = _QuickEtcdServer(self.directory / "data", tls=self.tls_files)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.server.start)
@@ -80,13 +87,30 @@ class Etcd3Harness(StoreHarness):
         self.server.resume()
 
     def storage_config(self, prefix: str) -> StorageConfig:
-        return StorageConfig(backend=self.backend, endpoints=(self.server.client_url,), prefix=prefix,
-                             dial_timeout=DIAL_TIMEOUT, request_timeout=REQUEST_TIMEOUT)
+        files = self.tls_files
+        return StorageConfig(
+            backend=self.backend, endpoints=(self.server.client_url,), prefix=prefix,
+            ca_file=str(files.ca_file) if files else "",
+            cert_file=str(files.client_cert) if files else "",
+            key_file=str(files.client_key) if files else "",
+            dial_timeout=DIAL_TIMEOUT, request_timeout=REQUEST_TIMEOUT,
+        )
 
     async def lose_history(self, storage: Storage) -> int:
         """Compact etcd up to its current revision, waiting until the compaction is applied."""
         _, revision = await storage.list("")
-        async with aetcd.Client(self.server.host, self.server.client_port) as client:
+        config = self.storage_config("/")
+        channel = open_channel(parse_endpoint(self.server.client_url),
+                               TlsFiles(config.ca_file, config.cert_file, config.key_file))
+        try:
             async with asyncio.timeout(REQUEST_TIMEOUT * 5):
-                await client.compact(revision, physical=True)
+                await rpc.KVStub(channel).Compact(rpc.CompactionRequest(revision=revision, physical=True))
+        finally:
+            await channel.close()
         return revision
+
+
+class Etcd3TlsHarness(Etcd3Harness):
+    """An `Etcd3Harness` whose etcd accepts only TLS clients with a certificate signed by its test CA."""
+
+    tls = True

@@ -7,7 +7,8 @@ killed with SIGKILL and restarted on the same port without losing anything.
 With `persistent=False` the data lives in memory only. It can require a password
 and serve TLS. It only ever signals the process it started.
 
-`RedisHarness` is the `StoreHarness` of the conformance suite. The fixture
+`RedisHarness` is the `StoreHarness` of the conformance suite, and
+`RedisTlsHarness` the same over TLS with a password. The fixture
 `redis_server_factory` builds servers owned by one test, and
 `write_tls_files` writes the certificates of a TLS server.
 """
@@ -19,12 +20,14 @@ import datetime
 import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import pytest_asyncio
@@ -38,6 +41,8 @@ from cryptography.x509.oid import NameOID
 from fleetkit.core.config import StorageConfig
 from fleetkit.core.netinfo import free_port  # noqa: F401 - also imported from here
 from fleetkit.core.storage import Storage
+from fleetkit.core.tls import init_ca, issue
+from fleetkit.testing import logscan
 from fleetkit.testing.conformance import StoreHarness
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class RedisServer:
         self.binary = found
         self.directory = Path(directory)
         self.password = password
+        logscan.register_secret(password)
         self.persistent = persistent
         self.tls = tls
         self.unix_socket = unix_socket
@@ -206,10 +212,16 @@ class RedisHarness(StoreHarness):
 
     backend = "redis"
     durable = True
+    # Whether the server speaks TLS only and requires a password (a random one unless `password` is given).
+    tls: ClassVar[bool] = False
 
     def __init__(self, directory: Path, *, password: str = ""):
         super().__init__(directory)
-        self.server = RedisServer(self.directory / "data", password=password)
+        server_tls = None
+        if self.tls:
+            password = password or secrets.token_urlsafe(18)
+            server_tls = _write_server_tls(self.directory / "tls")
+        self.server = RedisServer(self.directory / "data", password=password, tls=server_tls)
 
     async def start(self) -> None:
         await self.server.start()
@@ -230,8 +242,10 @@ class RedisHarness(StoreHarness):
         self.server.resume()
 
     def storage_config(self, prefix: str) -> StorageConfig:
+        ca_file = str(self.server.tls[2]) if self.server.tls else ""
         return StorageConfig(backend=self.backend, endpoints=(self.server.url,), prefix=prefix,
-                             password=self.server.password, dial_timeout=DIAL_TIMEOUT, request_timeout=REQUEST_TIMEOUT)
+                             password=self.server.password, ca_file=ca_file,
+                             dial_timeout=DIAL_TIMEOUT, request_timeout=REQUEST_TIMEOUT)
 
     async def lose_history(self, storage: Storage) -> int:
         """Trim the change stream of `storage`'s prefix to nothing and return the store revision."""
@@ -244,6 +258,20 @@ class RedisHarness(StoreHarness):
         finally:
             await client.aclose()
         return int(revision or 0)
+
+
+class RedisTlsHarness(RedisHarness):
+    """A `RedisHarness` whose server speaks TLS only, with a certificate of a test CA, and requires a password."""
+
+    tls = True
+
+
+def _write_server_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """Create a CA with `fleetkit.core.tls` and a server certificate for 127.0.0.1; return (cert, key, CA)."""
+    ca_file = init_ca(directory / "ca", name="redis test CA", days=2)
+    cert, key = issue(directory / "ca", directory, name="redis-server", role="node", ips=["127.0.0.1"], dns=[],
+                      days=2)
+    return cert, key, ca_file
 
 
 def _certificate(name: str, key, issuer_name: str, issuer_key, *, ca: bool) -> x509.Certificate:

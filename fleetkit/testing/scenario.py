@@ -7,6 +7,7 @@ CLI, or reads what each node's systemd reports.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -80,3 +81,41 @@ async def start_scenario(cluster, tmp_path: Path) -> dict[str, set[str]]:
     result = await cluster.cli("start", "--block-timeout", "60", *arguments)
     assert result.code == 0, result.stderr + cluster.logs()
     return await placements(cluster)
+
+
+async def check_scenario_and_failover(cluster, tmp_path: Path) -> None:
+    """Run the scenario on a cluster of the `NODES`, kill the leader, and check the failover.
+
+    A new leader must take over within the lease TTL plus a few seconds, every
+    unit must be reported active again, and no unit may have been restarted
+    (its MainPID is unchanged). The cluster's lease_ttl must be 4 s, the test
+    cluster's default.
+    """
+    found = await start_scenario(cluster, tmp_path)
+    check_scenario(found)
+    before = await main_pids(cluster, found)
+    old_leader = await cluster.leader()
+    assert old_leader in NODES
+
+    started = time.monotonic()
+    await cluster.nodes[old_leader].kill()
+
+    async def new_leader():
+        name = await cluster.leader()
+        return name if name and name != old_leader else ""
+
+    # lease_ttl of the test cluster is 4 s; allow a few seconds more.
+    leader = await wait_until(new_leader, timeout=4 + 6)
+    assert leader, f"no new leader {time.monotonic() - started:.1f}s after the kill\n" + cluster.logs()
+    await cluster.nodes[old_leader].start()
+
+    async def all_reported():
+        listing = await cluster.cli("list-units", "--output", "json", endpoint=cluster.nodes[leader].endpoint)
+        if listing.code != 0:
+            return False
+        active = {(row["unit"], row["machine"]) for row in json.loads(listing.stdout) if row["active"] == "active"}
+        return active >= {(unit, node) for unit, nodes in found.items() if unit.endswith(".service")
+                          and not unit.startswith(("dbus", "systemd")) for node in nodes}
+
+    assert await wait_until(all_reported, timeout=20), cluster.logs()
+    assert await main_pids(cluster, found) == before

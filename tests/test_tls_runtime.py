@@ -1,0 +1,182 @@
+"""Certificate loading, reloading and expiry warnings, the unix socket's permissions and the CLI's TLS options."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import grp
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleetkit.cli.main import main
+from fleetkit.core.api import ApiServer
+from fleetkit.core.cluster_status import certificate_warnings
+from fleetkit.core.config import parse_config
+from fleetkit.core.credentials import (
+    ExpiryWarnings, ListenerSecurity, ServerCredentials, TlsFiles, earliest_expiry, open_channel,
+)
+from fleetkit.core.nodes import NodeRecord
+from fleetkit.core.tls import TlsError, init_ca, issue
+from fleetkit.core.transport import EngineHost
+
+
+@pytest.fixture
+def pki(tmp_path) -> Path:
+    init_ca(tmp_path)
+    issue(tmp_path, tmp_path, name="node-1", role="node", ips=["127.0.0.1"], dns=[])
+    issue(tmp_path, tmp_path, name="node-2", role="node", ips=["127.0.0.1"], dns=[])
+    issue(tmp_path, tmp_path, name="ops", role="admin", ips=[], dns=[])
+    return tmp_path
+
+
+def _files(pki: Path, name: str = "node-1", key: str | None = None) -> TlsFiles:
+    return TlsFiles(str(pki / "ca.pem"), str(pki / f"{name}.pem"), str(pki / f"{key or name}-key.pem"))
+
+
+def test_server_credentials_name_file(pki):
+    with pytest.raises(TlsError) as caught:
+        ServerCredentials(_files(pki, "node-1", key="node-2"), "transport.listen")
+    assert str(caught.value).startswith(f"transport.listen: cannot load the certificate {pki}/node-1.pem with the "
+                                        f"key {pki}/node-2-key.pem: ")
+    assert str(caught.value).endswith("; check that the key belongs to the certificate")
+
+    with pytest.raises(TlsError) as caught:
+        ServerCredentials(_files(pki, "ops"), "api.listen")
+    assert str(caught.value) == (f"api.listen: the certificate {pki}/ops.pem has role 'admin', but a listener serves "
+                                 "with a node certificate; issue one with fleetkit tls issue --role node")
+
+    with pytest.raises(TlsError) as caught:
+        ServerCredentials(TlsFiles(str(pki / "missing.pem"), *_files(pki).paths()[1:]), "api.listen")
+    assert "missing.pem" in str(caught.value)
+    assert "BEGIN" not in str(caught.value)
+
+
+def test_reload_keeps_old_context(pki, caplog):
+    credentials = ServerCredentials(_files(pki), "transport.listen")
+    first = credentials.context
+    assert credentials.reload_if_changed() is False
+
+    # The certificate is replaced first; the key that belongs to it comes later.
+    issue(pki, pki / "next", name="node-1", role="node", ips=["127.0.0.1"], dns=[])
+    os.replace(pki / "next" / "node-1.pem", pki / "node-1.pem")
+    with caplog.at_level(logging.INFO, logger="fleetkit.core.credentials"):
+        assert credentials.reload_if_changed() is False
+        assert credentials.context is first
+        assert credentials.reload_if_changed() is False  # logged once, not at every check
+        os.replace(pki / "next" / "node-1-key.pem", pki / "node-1-key.pem")
+        assert credentials.reload_if_changed() is True
+    assert credentials.context is not first
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1 and "keeping the certificates in use" in errors[0]
+    assert any("for new connections (the files changed)" in record.getMessage() for record in caplog.records)
+
+
+def test_expiry_warnings_repeat_daily(pki, caplog):
+    issue(pki, pki, name="soon", role="node", ips=["127.0.0.1"], dns=[], days=10)
+    clock = [0.0]
+    warnings = ExpiryWarnings(30 * 86400, clock=lambda: clock[0])
+    paths = [str(pki / "soon.pem"), str(pki / "node-1.pem"), str(pki / "ca.pem")]
+
+    with caplog.at_level(logging.WARNING, logger="fleetkit.core.credentials"):
+        first = warnings.check(paths)
+        clock[0] = 3600
+        again = warnings.check(paths)
+        clock[0] = 86400 + 1
+        next_day = warnings.check(paths)
+
+    assert len(first) == 1 and again == [] and len(next_day) == 1
+    assert first[0].startswith(f"certificate {pki}/soon.pem ('soon') expires in 240h, on ")
+    assert first[0].endswith("; issue a new one with fleetkit tls issue and replace the file, which the daemon "
+                             "reloads")
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=11)
+    assert "expired on" in ExpiryWarnings(86400).check(paths[:1], now=later)[0]
+    assert earliest_expiry(paths) < earliest_expiry(paths[1:])
+
+
+def test_cluster_status_expiry_warnings():
+    now = 1_800_000_000.0
+    records = [
+        NodeRecord("a", "1", certificate_expires=now + 5 * 86400),
+        NodeRecord("b", "1", certificate_expires=now + 90 * 86400),
+        NodeRecord("c", "1"),
+        NodeRecord("d", "1", certificate_expires=now - 60),
+    ]
+
+    warnings = certificate_warnings(records, 30 * 86400, now=now)
+
+    assert warnings == [
+        "a: a certificate expires in 120h, on 2027-01-20 08:00 UTC; issue a new one with fleetkit tls issue and "
+        "replace the file on that node, which reloads it",
+        "d: a certificate expired on 2027-01-15 07:59 UTC; issue a new one with fleetkit tls issue and replace "
+        "the file on that node",
+    ]
+
+
+def test_open_channel_needs_common_way(pki):
+    tls_only = ListenerSecurity("transport.listen", _files(pki), plaintext=False)
+    plaintext_only = ListenerSecurity("transport.listen", None, plaintext=True)
+
+    with pytest.raises(TlsError) as caught:
+        open_channel("127.0.0.1:1", tls_only, peer_tls=False, peer_plaintext=True)
+    assert str(caught.value) == ("127.0.0.1:1 accepts plaintext connections only and this node requires TLS; give "
+                                 "that node certificates, or set transport.insecure = true here while the cluster "
+                                 "moves to TLS")
+    with pytest.raises(TlsError) as caught:
+        open_channel("127.0.0.1:1", plaintext_only, peer_tls=True, peer_plaintext=False)
+    assert str(caught.value) == ("127.0.0.1:1 accepts TLS connections only and transport has no certificate here; "
+                                 "set tls.ca, tls.cert and tls.key")
+
+
+@pytest.mark.parametrize(("group", "mode"), [("", 0o600), ("daemon", 0o660)])
+async def test_unix_socket_owner_and_group(tmp_path, group, mode):
+    path = tmp_path / "api.sock"
+    config = parse_config({"api": {"listen": f"unix://{path}", "socket_group": group}}, env={})
+    server = ApiServer(config, storage=None, host=EngineHost("m1"))
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not path.exists() or stat.S_IMODE(path.stat().st_mode) != mode:
+                await asyncio.sleep(0.05)
+        owner_group = path.stat().st_gid
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert owner_group == (grp.getgrnam(group).gr_gid if group else os.getegid())
+
+
+def test_daemon_mismatched_key_stops(pki, tmp_path):
+    config = tmp_path / "cluster.toml"
+    config.write_text(
+        f'[runtime]\nbus = "unix:path={tmp_path}/bus"\nunit_directory = "{tmp_path}/units"\n'
+        f'[api]\nlisten = "unix://{tmp_path}/api.sock"\n[node]\nstate_dir = "{tmp_path}/state"\n'
+        f'[tls]\nca = "{pki}/ca.pem"\ncert = "{pki}/node-1.pem"\nkey = "{pki}/node-2-key.pem"\n'
+    )
+    result = subprocess.run([sys.executable, "-m", "fleetkit", "daemon", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert "check that the key belongs to the certificate" in result.stderr
+    assert "PRIVATE KEY" not in result.stderr
+    assert not (tmp_path / "api.sock").exists()
+
+
+def test_cli_tcp_needs_tls_or_insecure(capsys, pki):
+    code = main(["--endpoint", "127.0.0.1:1", "list-units"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: endpoint '127.0.0.1:1' is a TCP address: pass --ca-file, --cert-file and --key-file (or set "
+        "FLEETKIT_CA_FILE, FLEETKIT_CERT_FILE and FLEETKIT_KEY_FILE) to use its TLS listener, or --insecure if the "
+        "daemon accepts plaintext (api.insecure = true)")
+
+    code = main(["list-units", "--endpoint", "127.0.0.1:1", "--cert-file", str(pki / "ops.pem")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --ca-file and --key-file are missing: a TLS endpoint needs the cluster CA, a client certificate and "
+        "its key")
