@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from pathlib import Path
 
 import pytest
 
@@ -13,6 +11,7 @@ from fleetkit.testing.scenario import (
     NODES,
     SLEEPER,
     check_scenario,
+    kill_leader,
     main_pids,
     placements,
     start_scenario,
@@ -43,19 +42,7 @@ async def test_leader_kill_keeps_units_running(cluster_factory, tmp_path):
     cluster = await cluster_factory(NODES)
     found = await start_scenario(cluster, tmp_path)
     before = await main_pids(cluster, found)
-    old_leader = await cluster.leader()
-    assert old_leader in NODES
-
-    started = time.monotonic()
-    await cluster.nodes[old_leader].kill()
-
-    async def new_leader():
-        name = await cluster.leader()
-        return name if name and name != old_leader else ""
-
-    leader = await wait_until(new_leader, timeout=4 + 6)
-    elapsed = time.monotonic() - started
-    assert leader, f"no new leader after {elapsed:.1f}s\n" + cluster.logs()
+    old_leader, leader = await kill_leader(cluster)
     # The new engine must not move or restart anything while the old node's agent is away briefly.
     await cluster.nodes[old_leader].start()
     await asyncio.sleep(3)

@@ -599,7 +599,7 @@ def test_storage_ca_file_with_http_suggests_https(pem):
 
     problems = problems_of(data)
 
-    assert problems == [f'storage.endpoints[1] = "http://root:***@10.0.0.2:2379": storage.ca_file is set but this '
+    assert problems == ['storage.endpoints[1] = "http://root:***@10.0.0.2:2379": storage.ca_file is set but this '
                         'URL does not use TLS; write "https://root:***@10.0.0.2:2379", or remove storage.ca_file']
 
 
@@ -975,7 +975,8 @@ def test_listener_tls_needs_all_three_files(tmp_path, tls_env):
 
     assert caught.value.problems == [
         'transport.listen (default) = "127.0.0.1:7070": TLS needs a CA, a certificate and a key, but tls.ca and '
-        "tls.key are not set; set tls.ca and tls.key (or transport.tls_ca for this listener only)",
+        "tls.key are not set; set tls.ca and tls.key (or transport.tls_ca and transport.tls_key for this listener "
+        "only)",
     ]
 
 

@@ -7,7 +7,10 @@ import stat
 import subprocess
 import sys
 
+import pytest
 from cryptography import x509
+
+from fleetkit.testing.certificates import expired_certificate
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -70,10 +73,28 @@ def test_issue_rejects_bad_input(tmp_path):
     assert not (tmp_path / "b.pem").exists()
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--name", "x", "--role", "admin", "--days", "0"], "--days 0 is invalid; a certificate must be valid for at least 1 day"),
+    (["--name", "", "--role", "admin"], "--name '' is invalid; it also names the files"),
+    (["--name", "../escaped", "--role", "admin"], "--name '../escaped' is invalid"),
+    (["--name", "n", "--role", "node", "--ip", "0.0.0.0"], "--ip 0.0.0.0 is invalid; nobody dials an unspecified address"),
+    (["--name", "n", "--role", "node", "--dns", "not a dns!"], "--dns 'not a dns!' is not a DNS name"),
+])
+def test_issue_rejects_invalid_values(tmp_path, arguments, message):
+    assert run("tls", "init-ca", "--dir", str(tmp_path)).returncode == 0
+
+    result = run("tls", "issue", "--ca-dir", str(tmp_path), "--out", str(tmp_path / "out"), *arguments)
+
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "escaped.pem").exists()
+
+
 def test_show_reports_expired(tmp_path):
     assert run("tls", "init-ca", "--dir", str(tmp_path)).returncode == 0
-    assert run("tls", "issue", "--ca-dir", str(tmp_path), "--name", "old", "--role", "admin",
-               "--days", "0").returncode == 0
+    expired_certificate(tmp_path, tmp_path, "old")
 
     shown = run("tls", "show", str(tmp_path / "old.pem"))
 

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fleetkit.core.tls import init_ca, issue
+from fleetkit.testing.certificates import expired_certificate
 from fleetkit.rpc import control_pb2, control_pb2_grpc, transport_pb2, transport_pb2_grpc
 from fleetkit.cli.devcluster import issue_dev_certificates
-from fleetkit.testing.scenario import NODES, SLEEPER, check_scenario, main_pids, start_scenario, wait_until
+from fleetkit.testing.scenario import (
+    NODES, SLEEPER, check_scenario, kill_leader, main_pids, start_scenario, wait_until,
+)
 
 ONE_NODE = {"n1": {}}
 
@@ -54,27 +53,6 @@ async def _list_machines(target: str, credentials: grpc.ChannelCredentials | Non
     return grpc.StatusCode.OK, ""
 
 
-def _expired_certificate(ca_dir: Path, out: Path, name: str) -> tuple[Path, Path]:
-    """Write a certificate of the CA in `ca_dir` that expired yesterday, and its key."""
-    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca-key.pem").read_bytes(), password=None)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "admin")]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=30)).not_valid_after(now - datetime.timedelta(days=1))
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = out / f"{name}.pem", out / f"{name}-key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def _rejections(node) -> list[str]:
     return [line for line in node.log_path.read_text().splitlines() if "rejected a connection from" in line]
 
@@ -87,7 +65,7 @@ async def test_listener_rejects_bad_clients_once(cluster_factory, tmp_path):
     other = tmp_path / "other-ca"
     init_ca(other)
     stranger = issue(other, other, name="stranger", role="admin", ips=[], dns=[])
-    expired = _expired_certificate(tls_dir, tmp_path, "expired-admin")
+    expired = expired_certificate(tls_dir, tmp_path, "expired-admin")
     misnamed = issue(tls_dir, tmp_path, name="misnamed", role="node", ips=["127.0.0.2"], dns=[])
     api = node.endpoint
     transport = f"127.0.0.1:{node.config_args[0]}"
@@ -150,8 +128,8 @@ async def test_roles_limit_calls(cluster_factory, tmp_path):
     rejected = await cluster.cli("stop", "hello.service", env=viewer)
     assert rejected.code == 1
     assert rejected.stderr.strip() == (
-        "error: certificate 'viewer' has role read-only, which may only list and show; SetDesiredState needs "
-        "an admin certificate")
+        "error: certificate 'viewer' has role read-only, which may only list and show; SetDesiredState, used by "
+        "load, start, stop and unload needs an admin certificate")
 
     tls_dir = cluster.tls_dir
     node_env = {"FLEETKIT_CERT_FILE": str(tls_dir / "n1.pem"), "FLEETKIT_KEY_FILE": str(tls_dir / "n1-key.pem")}
@@ -159,7 +137,8 @@ async def test_roles_limit_calls(cluster_factory, tmp_path):
     assert as_node.code == 1
     assert as_node.stderr.strip() == (
         "error: certificate 'n1' has role node, which may use the engine-agent transport only; the control API "
-        "(ListUnitStates) needs an admin certificate, or a read-only one to list and show")
+        "(ListUnitStates, used by list-units and status) needs an admin certificate, or a read-only one to list "
+        "and show")
 
     # An admin certificate may not act as an agent.
     admin = _credentials(tls_dir / "ca.pem", cluster.client_files["admin"], cluster.client_files["admin-key"])
@@ -212,14 +191,7 @@ async def test_rotation_keeps_units_running(cluster_factory, tmp_path):
     assert "cannot reach the fleetkit daemon" in rejected.stderr
 
     # Open streams keep working; a new leader makes every agent dial again, with the new chain.
-    old_leader = await cluster.leader()
-    await cluster.nodes[old_leader].kill()
-
-    async def new_leader():
-        name = await cluster.leader()
-        return name if name and name != old_leader else ""
-
-    assert await wait_until(new_leader, timeout=15), cluster.logs()
+    old_leader, _leader = await kill_leader(cluster)
     await cluster.nodes[old_leader].start()
     await cluster.start()
     assert await main_pids(cluster, found) == before
@@ -264,7 +236,7 @@ async def test_dev_cluster_tls_serves_cli(tmp_path):
             stderr=asyncio.subprocess.PIPE)
         _, stderr = await plaintext.communicate()
         assert plaintext.returncode == 1
-        assert "if the daemon's listener uses TLS, pass --ca-file, --cert-file and --key-file" in stderr.decode()
+        assert "its listener probably requires TLS: pass --ca-file, --cert-file and --key-file" in stderr.decode()
         for name in ("node1", "node2"):
             assert "[tls]" in (directory / name / "cluster.toml").read_text()
             assert "WITHOUT TLS" not in (directory / name / "daemon.log").read_text()

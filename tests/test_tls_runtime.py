@@ -17,13 +17,15 @@ import pytest
 from fleetkit.cli.main import main
 from fleetkit.core.api import ApiServer
 from fleetkit.core.cluster_status import certificate_warnings
-from fleetkit.core.config import parse_config
+from fleetkit.core.config import check_config, parse_config
+from fleetkit.core.errors import ConfigError
 from fleetkit.core.credentials import (
     ExpiryWarnings, ListenerSecurity, ServerCredentials, TlsFiles, earliest_expiry, open_channel,
 )
 from fleetkit.core.nodes import NodeRecord
 from fleetkit.core.tls import TlsError, init_ca, issue
 from fleetkit.core.transport import EngineHost
+from fleetkit.testing.certificates import expired_certificate
 
 
 @pytest.fixture
@@ -167,6 +169,25 @@ def test_daemon_mismatched_key_stops(pki, tmp_path):
     assert not (tmp_path / "api.sock").exists()
 
 
+def test_config_check_loads_certificates(pki, tmp_path):
+    expired_cert, expired_key = expired_certificate(pki, pki, "old-node", role="node")
+    wrong_role = {"FLEETKIT_TLS_CA": str(pki / "ca.pem"), "FLEETKIT_TLS_CERT": str(pki / "ops.pem"),
+                  "FLEETKIT_TLS_KEY": str(pki / "ops-key.pem")}
+    expired = {**wrong_role, "FLEETKIT_TLS_CERT": str(expired_cert), "FLEETKIT_TLS_KEY": str(expired_key)}
+    config = tmp_path / "cluster.toml"
+    config.write_text("")
+
+    with pytest.raises(ConfigError) as caught:
+        check_config(config, env=wrong_role)
+    _, warnings = check_config(config, env=expired)
+
+    assert caught.value.problems == [
+        f"transport.listen: the certificate {pki}/ops.pem has role 'admin', but a listener serves with a node "
+        "certificate; issue one with fleetkit tls issue --role node"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"certificate {expired_cert} ('old-node') expired on ")
+
+
 def test_cli_tcp_needs_tls_or_insecure(capsys, pki):
     code = main(["--endpoint", "127.0.0.1:1", "list-units"])
     assert code == 2
@@ -180,3 +201,20 @@ def test_cli_tcp_needs_tls_or_insecure(capsys, pki):
     assert capsys.readouterr().err.strip() == (
         "error: --ca-file and --key-file are missing: a TLS endpoint needs the cluster CA, a client certificate and "
         "its key")
+
+
+def test_cli_rejects_contradicting_or_mismatched_files(capsys, pki):
+    files = ["--ca-file", str(pki / "ca.pem"), "--cert-file", str(pki / "ops.pem")]
+
+    contradicting = main(["list-units", "--endpoint", "127.0.0.1:1", "--insecure", *files,
+                          "--key-file", str(pki / "ops-key.pem")])
+    contradiction = capsys.readouterr().err
+    mismatched = main(["list-units", "--endpoint", "127.0.0.1:1", *files, "--key-file", str(pki / "node-1-key.pem")])
+    mismatch = capsys.readouterr().err
+
+    assert contradicting == 2
+    assert "--insecure and the TLS files" in contradiction
+    assert mismatched == 2
+    assert mismatch.strip() == (f"error: cannot use the certificate {pki}/ops.pem with the key {pki}/node-1-key.pem: "
+                                "key values mismatch; check that the key belongs to the certificate")
+    assert "PRIVATE KEY" not in mismatch

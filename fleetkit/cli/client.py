@@ -111,8 +111,8 @@ class ControlClient:
 
     def _tls_hint(self, details: str) -> str:
         if self._tls is None:
-            return ("; if the daemon's listener uses TLS, pass --ca-file, --cert-file and --key-file instead of "
-                    "--insecure")
+            return ("; if the daemon runs, its listener probably requires TLS: pass --ca-file, --cert-file and "
+                    "--key-file instead of --insecure")
         if "Hostname Verification" in details or "Peer name" in details:
             return (f"; the daemon's certificate does not name {self.endpoint.rpartition(':')[0]}: dial an "
                     "address listed in its SANs (fleetkit tls show CERT) or reissue it with that --ip or --dns")

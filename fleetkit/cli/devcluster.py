@@ -85,9 +85,10 @@ def node_config(
     """Return the TOML config of one loopback-only development node.
 
     `storage_section` contains the TOML lines of the ``[storage]`` table.
-    Without `tls_dir` the transport listener is plaintext and says so; with
-    it, the node uses the certificates `issue_dev_certificates` wrote there,
-    and serves the control API on TCP `api_port` with TLS when that is set.
+    Without `tls_dir` the transport listener is plaintext, and a comment in
+    the file states it. With it, the node uses the certificates that
+    `issue_dev_certificates` wrote there, and serves the control API on TCP
+    `api_port` with TLS when that is set.
     """
     node_dir = directory / name
     metadata_text = ", ".join(f'{key} = "{value}"' for key, value in sorted(metadata.items()))

@@ -77,6 +77,10 @@ def client_tls(args) -> TlsFiles | None:
     given = {"--ca-file": args.ca_file, "--cert-file": args.cert_file, "--key-file": args.key_file}
     if not any(given.values()):
         return None
+    if args.insecure:
+        raise UsageError("--insecure and the TLS files (--ca-file, --cert-file, --key-file or their FLEETKIT_* "
+                         "variables) contradict each other; give the TLS files for a TLS listener, or only "
+                         "--insecure for a plaintext one")
     missing = [option for option, value in given.items() if not value]
     if missing:
         raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: a TLS "

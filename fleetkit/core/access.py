@@ -26,6 +26,12 @@ TRANSPORT_SERVICE = "/fleetkit.rpc.AgentTransport/"
 CONTROL_SERVICE = "/fleetkit.rpc.Control/"
 # Control calls that only read; every other control call changes units.
 READ_ONLY_CALLS = frozenset({"GetUnits", "ListUnitStates", "ListMachines", "GetClusterStatus"})
+# The fleetkit commands behind each control call, for messages.
+COMMANDS = {
+    "SubmitUnits": "submit, load and start", "SetDesiredState": "load, start, stop and unload",
+    "DestroyUnits": "destroy", "GetUnits": "cat, status and list-unit-files", "ListUnitStates": "list-units and status",
+    "ListMachines": "list-machines", "GetClusterStatus": "cluster status",
+}
 
 
 def allowed_roles(method: str) -> frozenset[str]:
@@ -45,11 +51,12 @@ def denial(method: str, peer: Peer) -> str:
     who = f"certificate {peer.name!r} has role {peer.role}"
     if method.startswith(TRANSPORT_SERVICE):
         return f"{who}; the engine-agent transport ({call}) needs a node certificate"
+    commands = f"{call}, used by {COMMANDS[call]}" if call in COMMANDS else call
     if peer.role == "read-only":
-        return f"{who}, which may only list and show; {call} needs an admin certificate"
+        return f"{who}, which may only list and show; {commands} needs an admin certificate"
     if method.startswith(CONTROL_SERVICE):
-        return (f"{who}, which may use the engine-agent transport only; the control API ({call}) needs an admin "
-                "certificate, or a read-only one to list and show")
+        return (f"{who}, which may use the engine-agent transport only; the control API ({commands}) needs an "
+                "admin certificate, or a read-only one to list and show")
     return f"{who}; {method} is not a fleetkit call"
 
 

@@ -471,7 +471,9 @@ def check_config(path: str | os.PathLike[str] | None, *,
                  env: Mapping[str, str] | None = None) -> tuple[Config, list[str]]:
     """Load a config as the daemon does and return it with warnings about settings that are valid but risky.
 
-    Only reads the file and `env`, so it binds no port and contacts no server.
+    Also loads the listeners' certificates as the daemon will (role, key,
+    CA) and warns about those that expire soon. Only reads files and `env`,
+    so it binds no port and contacts no server.
     Raises ConfigError like load_config.
     """
     environ = os.environ if env is None else env
@@ -513,6 +515,12 @@ def check_config(path: str | os.PathLike[str] | None, *,
             warnings.append(f"{name}.insecure = true: {name}.listen = {_show(section.listen)} accepts plaintext "
                             f"connections without certificates{also}; anyone who can reach the port "
                             f"{'can act as an agent' if name == 'transport' else 'can change units'}")
+    from fleetkit.core.credentials import certificate_problems  # imports this module
+
+    problems, expiring = certificate_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    warnings.extend(expiring)
     try:
         config.runtime.resolved_unit_directory(environ)
     except ConfigError as error:
@@ -650,9 +658,10 @@ def _check_listeners(sections: dict[str, dict[str, Any]], sources: Mapping[str, 
         if given and len(given) < len(_TLS_PARTS):
             missing = [part for part in _TLS_PARTS if not files[part]]
             names = " and ".join(f"tls.{part}" for part in missing)
+            overrides = " and ".join(f"{name}.tls_{part}" for part in missing)
             problems.append(f"{where}: TLS needs a CA, a certificate and a key, but {names} "
                             f"{'is' if len(missing) == 1 else 'are'} not set; set {names} (or "
-                            f"{name}.tls_{missing[0]} for this listener only)")
+                            f"{overrides} for this listener only)")
         elif not given and not section["insecure"]:
             problems.append(f"{where}: this TCP listener has no TLS; set tls.ca, tls.cert and tls.key "
                             "(fleetkit tls init-ca and fleetkit tls issue make them; see docs/security.md), or "

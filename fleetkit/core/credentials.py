@@ -87,8 +87,23 @@ def _read(path: str, what: str) -> bytes:
                        "the daemon's user may read it") from None
 
 
+def check_client_files(files: TlsFiles) -> None:
+    """Raise TlsError naming the file when the CA, certificate or key cannot be used, or do not belong together."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=files.ca)
+    except (OSError, ssl.SSLError) as error:
+        raise TlsError(f"cannot load the CA file {files.ca}: {_ssl_reason(error)}") from None
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except (OSError, ssl.SSLError) as error:
+        raise TlsError(f"cannot use the certificate {files.cert} with the key {files.key}: {_ssl_reason(error)}; "
+                       "check that the key belongs to the certificate") from None
+
+
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
-    """Read the files now and return credentials for one new client channel."""
+    """Read and check the files now and return credentials for one new client channel."""
+    check_client_files(files)
     return grpc.ssl_channel_credentials(
         root_certificates=_read(files.ca, "CA file"),
         private_key=_read(files.key, "key file"),
@@ -230,7 +245,6 @@ class ExpiryWarnings:
 
     def check(self, paths: Iterable[str], now: datetime.datetime | None = None) -> list[str]:
         """Log and return warnings for the certificates in `paths` that expire soon or have expired."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
         warnings = []
         for path in dict.fromkeys(paths):
             try:
@@ -238,24 +252,59 @@ class ExpiryWarnings:
             except TlsError as error:
                 log.debug("cannot check the expiry of %s: %s", path, error)
                 continue
-            expires = certificate.not_valid_after_utc
-            left = (expires - now).total_seconds()
-            if left > self.window:
+            message = expiry_warning(path, certificate, self.window, now)
+            if message is None:
                 continue
+            expires = certificate.not_valid_after_utc
             last = self._last.get(path)
             if last is not None and last[1] == expires and self._clock() - last[0] < EXPIRY_REPEAT:
                 continue
             self._last[path] = (self._clock(), expires)
-            when = expires.strftime("%Y-%m-%d %H:%M UTC")
-            if left <= 0:
-                message = f"certificate {path} ({certificate_name(certificate)!r}) expired on {when}"
-            else:
-                message = (f"certificate {path} ({certificate_name(certificate)!r}) expires in "
-                           f"{format_duration(_round_left(left))}, on {when}")
-            message += "; issue a new one with fleetkit tls issue and replace the file, which the daemon reloads"
             log.warning("%s", message)
             warnings.append(message)
         return warnings
+
+
+def expiry_warning(path: str, certificate: x509.Certificate, window: float,
+                   now: datetime.datetime | None = None) -> str | None:
+    """Return the warning for a certificate that expires within `window` seconds or has expired, else None."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    expires = certificate.not_valid_after_utc
+    left = (expires - now).total_seconds()
+    if left > window:
+        return None
+    when = expires.strftime("%Y-%m-%d %H:%M UTC")
+    if left <= 0:
+        message = f"certificate {path} ({certificate_name(certificate)!r}) expired on {when}"
+    else:
+        message = (f"certificate {path} ({certificate_name(certificate)!r}) expires in "
+                   f"{format_duration(_round_left(left))}, on {when}")
+    return message + "; issue a new one with fleetkit tls issue and replace the file, which the daemon reloads"
+
+
+def certificate_problems(config: Config) -> tuple[list[str], list[str]]:
+    """Load the certificates of a validated config as the daemon will; return (problems, expiry warnings)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    for section in ("transport", "api"):
+        security = ListenerSecurity.of(config, section)
+        if security.tls is None or getattr(config, section).listen.startswith("unix://"):
+            continue
+        try:
+            ServerCredentials(security.tls, security.setting, security.role)
+        except TlsError as error:
+            problems.append(str(error))
+            continue
+        for path in (security.tls.cert, security.tls.ca):
+            try:
+                certificate = load_certificate(path)
+            except TlsError as error:
+                problems.append(f"{security.setting}: {error}")
+                continue
+            message = expiry_warning(path, certificate, config.tls.expiry_warning)
+            if message is not None and message not in warnings:
+                warnings.append(message)
+    return list(dict.fromkeys(problems)), warnings
 
 
 def _round_left(seconds: float) -> float:

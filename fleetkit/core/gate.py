@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 TLS_HANDSHAKE_RECORD = 0x16
 HANDSHAKE_TIMEOUT = 10.0
 CHUNK = 256 * 1024
+# Seconds to wait after a failed accept before the next one.
+ACCEPT_RETRY = 0.5
 # Seconds the second direction of a proxied connection may go on after the first one ended.
 DRAIN_TIMEOUT = 5.0
 
@@ -236,7 +238,13 @@ class TlsGate:
         assert self._socket is not None, "bind() first"
         try:
             while True:
-                connection, address = await loop.sock_accept(self._socket)
+                try:
+                    connection, address = await loop.sock_accept(self._socket)
+                except OSError as error:
+                    # Out of file descriptors, for example: keep the listener and try again shortly.
+                    log.error("%s: accepting a connection failed: %s", self.setting, error)
+                    await asyncio.sleep(ACCEPT_RETRY)
+                    continue
                 task = loop.create_task(self._handle(connection, address))
                 self._connections.add(task)
                 task.add_done_callback(self._connections.discard)
@@ -334,10 +342,15 @@ class TlsGate:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         log.debug("%s: admitted %s", self.setting, peer.describe())
-        inner_reader, inner_writer = await asyncio.open_unix_connection(sock=inner, limit=CHUNK)
+        try:
+            inner_reader, inner_writer = await asyncio.open_unix_connection(sock=inner, limit=CHUNK)
+        except BaseException:
+            inner.close()
+            self.registry.remove(path)
+            raise
         tasks = [asyncio.ensure_future(_pump(reader, inner_writer)), asyncio.ensure_future(_pump(inner_reader, writer))]
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if pending:
                 await asyncio.wait(pending, timeout=DRAIN_TIMEOUT)
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,24 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DNS_NAME = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _check_days(days: int) -> None:
+    if days < 1:
+        raise TlsError(f"--days {days} is invalid; a certificate must be valid for at least 1 day")
+
+
+def _check_common_name(name: str, what: str) -> None:
+    if not 1 <= len(name) <= 64:
+        raise TlsError(f"--name {name!r} is invalid; {what} needs 1 to 64 characters")
+
+
 def init_ca(directory: Path, *, name: str = "fleetkit cluster CA", days: int = 3650, force: bool = False) -> Path:
     """Create a cluster CA in `directory` (``ca.pem``, ``ca-key.pem``) and return the certificate's path."""
+    _check_days(days)
+    _check_common_name(name, "a CA name")
     for path in (directory / CA_CERT, directory / CA_KEY):
         if path.exists() and not force:
             raise TlsError(f"{path} already exists; pass --force to replace the CA (every certificate it signed "
@@ -119,12 +136,24 @@ def issue(
     """Issue a certificate and key for `name` with `role`, signed by the CA; return their paths."""
     if role not in ROLES:
         raise TlsError(f"role {role!r} is unknown; use one of {', '.join(ROLES)}")
+    if not _FILE_NAME.fullmatch(name):
+        raise TlsError(f"--name {name!r} is invalid; it also names the files NAME.pem and NAME-key.pem, so use 1 to "
+                       "64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    _check_days(days)
     addresses = []
     for text in ips:
         try:
-            addresses.append(ipaddress.ip_address(text))
+            address = ipaddress.ip_address(text)
         except ValueError:
             raise TlsError(f"--ip {text!r} is not an IP address; give names with --dns") from None
+        if address.is_unspecified:
+            raise TlsError(f"--ip {text} is invalid; nobody dials an unspecified address, so give the machine's "
+                           "own address")
+        addresses.append(address)
+    for text in dns:
+        if len(text) > 253 or not _DNS_NAME.fullmatch(text):
+            raise TlsError(f"--dns {text!r} is not a DNS name; use letters, digits, '-' and dots, such as "
+                           "web-1.example.com")
     if role == "node" and not (addresses or dns):
         raise TlsError("a node certificate needs the addresses other machines dial: pass --ip and/or --dns")
     cert_path, key_path = out_directory / f"{name}.pem", out_directory / f"{name}-key.pem"

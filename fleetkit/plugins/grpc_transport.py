@@ -7,7 +7,7 @@ stream breaks, sending their full state again on every new stream.
 
 The listener on ``[transport] listen`` is a `fleetkit.core.listener.GrpcListener`:
 with TLS only node certificates may use it. Agents dial the leader with
-TLS or plaintext as the leader record says its listener accepts.
+TLS or plaintext, whichever the leader record lists for its listener.
 """
 
 from __future__ import annotations

@@ -289,7 +289,7 @@ class TestCluster:
                   env: dict[str, str] | None = None) -> CliResult:
         """Run the real ``fleetkit`` CLI in a subprocess and return its exit code and output.
 
-        On a TLS cluster the CLI uses the admin certificate unless `env` says otherwise.
+        On a TLS cluster the CLI uses the admin certificate unless `env` names other files.
         """
         env = {**os.environ, **self.client_env(), **(env or {}), "FLEETKIT_ENDPOINT": endpoint or self.endpoint()}
         process = await asyncio.create_subprocess_exec(

@@ -76,6 +76,26 @@ def check_scenario(found: dict[str, set[str]]) -> None:
     assert found.get("cache.service") == {"node1"}
 
 
+async def kill_leader(cluster, timeout: float = 4 + 6) -> tuple[str, str]:
+    """SIGKILL the leader's daemon and return (old leader, new leader) once another node leads.
+
+    The default `timeout` is the test cluster's lease_ttl of 4 s and a few
+    seconds more. Fails the test when no other node leads by then.
+    """
+    old_leader = await cluster.leader()
+    assert old_leader in cluster.nodes, f"no leader among {sorted(cluster.nodes)}\n" + cluster.logs()
+    started = time.monotonic()
+    await cluster.nodes[old_leader].kill()
+
+    async def new_leader():
+        name = await cluster.leader()
+        return name if name and name != old_leader else ""
+
+    leader = await wait_until(new_leader, timeout=timeout)
+    assert leader, f"no new leader {time.monotonic() - started:.1f}s after the kill\n" + cluster.logs()
+    return old_leader, leader
+
+
 async def start_scenario(cluster, tmp_path: Path) -> dict[str, set[str]]:
     arguments = write_units(tmp_path)
     result = await cluster.cli("start", "--block-timeout", "60", *arguments)
@@ -94,19 +114,7 @@ async def check_scenario_and_failover(cluster, tmp_path: Path) -> None:
     found = await start_scenario(cluster, tmp_path)
     check_scenario(found)
     before = await main_pids(cluster, found)
-    old_leader = await cluster.leader()
-    assert old_leader in NODES
-
-    started = time.monotonic()
-    await cluster.nodes[old_leader].kill()
-
-    async def new_leader():
-        name = await cluster.leader()
-        return name if name and name != old_leader else ""
-
-    # lease_ttl of the test cluster is 4 s; allow a few seconds more.
-    leader = await wait_until(new_leader, timeout=4 + 6)
-    assert leader, f"no new leader {time.monotonic() - started:.1f}s after the kill\n" + cluster.logs()
+    old_leader, leader = await kill_leader(cluster)
     await cluster.nodes[old_leader].start()
 
     async def all_reported():
