@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -152,6 +153,10 @@ async def test_roles_limit_calls(cluster_factory, tmp_path):
                                       "(GetClusterState) needs a node certificate")
     pids = await cluster.nodes["n1"].main_pids()
     assert pids.get("hello.service") not in (None, "0")
+    # The plaintext gRPC servers behind the gates are reachable by the daemon's user only.
+    gate = cluster.nodes["n1"].directory / "state" / "gate"
+    assert stat.S_IMODE(gate.stat().st_mode) == 0o700
+    assert sorted(path.name for path in gate.iterdir()) == ["api.sock", "transport.sock"]
 
     # SIGHUP reloads the certificates at once and nothing else.
     node = cluster.nodes["n1"]

@@ -385,7 +385,7 @@ class ApiServer:
         if not self.listen.startswith("unix://"):
             self.listener = GrpcListener(
                 self.listen, ListenerSecurity.of(config, "api"), self._register, what="control API",
-                reload_interval=config.tls.reload_interval,
+                reload_interval=config.tls.reload_interval, state_dir=config.node.state_dir,
             )
 
     def _register(self, server: grpc.aio.Server) -> None:

@@ -85,7 +85,7 @@ class PeerRegistry:
         self._peers.pop(path, None)
 
     def lookup(self, grpc_peer: str) -> Peer | None:
-        """Return the peer of a gRPC ``context.peer()`` string such as ``unix:/dir/p-3``."""
+        """Return the peer of a gRPC ``context.peer()`` string such as ``unix:/dir/api.sock.3``."""
         return self._peers.get(grpc_peer.removeprefix("unix:"))
 
     def __len__(self) -> int:
@@ -325,8 +325,7 @@ class TlsGate:
         return Peer(shown, role=role, name=name)
 
     async def _forward(self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        directory = os.path.dirname(self.inner_socket)
-        path = os.path.join(directory, f"p-{next(self._counter)}")
+        path = f"{self.inner_socket}.{next(self._counter)}"
         inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             inner.bind(path)

@@ -12,7 +12,9 @@ directly; configuration validation allows that only with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,6 +27,9 @@ from fleetkit.core.gate import PeerRegistry, TlsGate
 
 log = logging.getLogger(__name__)
 
+# Room left in a unix socket address (108 bytes) for "/transport.sock.NNNNNNNN".
+MAX_DIRECTORY_LENGTH = 80
+
 
 class GrpcListener:
     """A gRPC server on `listen`, secured as `security` describes.
@@ -35,8 +40,9 @@ class GrpcListener:
     """
 
     def __init__(self, listen: str, security: ListenerSecurity, register: Callable[[grpc.aio.Server], None], *,
-                 what: str, reload_interval: float = 10.0):
+                 what: str, reload_interval: float = 10.0, state_dir: str = ""):
         self.listen = listen
+        self.state_dir = state_dir
         self.security = security
         self.register = register
         self.what = what
@@ -80,11 +86,29 @@ class GrpcListener:
         finally:
             await server.stop(grace=1.0)
 
+    def _private_directory(self) -> tuple[str, bool]:
+        """Return a directory that only this user can enter, and whether it is temporary.
+
+        It is ``<node.state_dir>/gate``, where nothing cleans files away
+        under a daemon that runs for months, unless that path is too long for
+        a unix socket address (108 bytes).
+        """
+        if self.state_dir:
+            directory = os.path.join(self.state_dir, "gate")
+            if len(directory) <= MAX_DIRECTORY_LENGTH:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                os.chmod(directory, 0o700)
+                return directory, False
+            log.debug("%s is too long for unix socket addresses; the gate uses a temporary directory", directory)
+        return tempfile.mkdtemp(prefix="fleetkit-"), True
+
     async def _serve_tls(self) -> None:
         # The gRPC server behind the gate speaks plaintext on a unix socket in
-        # a directory that only this user can enter (mkdtemp makes it 0700).
-        directory = tempfile.mkdtemp(prefix="fleetkit-")
-        inner = f"{directory}/grpc.sock"
+        # a directory that only this user can enter.
+        directory, temporary = self._private_directory()
+        inner = f"{directory}/{self.security.setting.partition('.')[0]}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(inner)  # left by a daemon that was killed
         registry = PeerRegistry()
         server = grpc.aio.server(interceptors=[RoleInterceptor(registry, self.security.setting)])
         self.register(server)
@@ -112,7 +136,11 @@ class GrpcListener:
                 group.create_task(server.wait_for_termination())
         finally:
             await server.stop(grace=1.0)
-            shutil.rmtree(directory, ignore_errors=True)
+            if temporary:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(inner)
 
     async def _watch_files(self) -> None:
         while True:

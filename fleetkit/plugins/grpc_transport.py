@@ -186,7 +186,7 @@ class GrpcTransport(Transport):
         self._host: EngineHost | None = None
         self.listener = GrpcListener(
             config.transport.listen, self.security, self._register, what="engine transport",
-            reload_interval=config.tls.reload_interval,
+            reload_interval=config.tls.reload_interval, state_dir=config.node.state_dir,
         )
 
     def _register(self, server: grpc.aio.Server) -> None:
