@@ -77,7 +77,7 @@ def test_issue_rejects_bad_input(tmp_path):
     (["--name", "x", "--role", "admin", "--days", "0"], "--days 0 is invalid; a certificate must be valid for at least 1 day"),
     (["--name", "", "--role", "admin"], "--name '' is invalid; it also names the files"),
     (["--name", "../escaped", "--role", "admin"], "--name '../escaped' is invalid"),
-    (["--name", "n", "--role", "node", "--ip", "0.0.0.0"], "--ip 0.0.0.0 is invalid; nobody dials an unspecified address"),
+    (["--name", "n", "--role", "node", "--ip", "0.0.0.0"], "--ip 0.0.0.0 is invalid: an unspecified address is never dialled"),
     (["--name", "n", "--role", "node", "--dns", "not a dns!"], "--dns 'not a dns!' is not a DNS name"),
 ])
 def test_issue_rejects_invalid_values(tmp_path, arguments, message):

@@ -105,7 +105,8 @@ async def test_listener_rejects_bad_clients_once(cluster_factory, tmp_path):
         assert len(matching) == 1, (label, *lines)
         assert re.search(r"api\.listen: rejected a connection from 127\.0\.0\.1:\d+: ", matching[0]), matching[0]
     misnamed_lines = [line for line in lines if "'misnamed' does not name 127.0.0.1" in line]
-    assert len(misnamed_lines) == 1 and "transport.listen: rejected a connection from 127.0.0.1:" in misnamed_lines[0]
+    assert len(misnamed_lines) == 1, lines
+    assert "transport.listen: rejected a connection from 127.0.0.1:" in misnamed_lines[0]
 
     # The daemon still serves clients with good certificates.
     result = await cluster.cli("list-machines", "--output", "json")
@@ -251,3 +252,35 @@ async def test_dev_cluster_tls_serves_cli(tmp_path):
             async with asyncio.timeout(90):
                 await process.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_running_cluster_moves_to_tls(cluster_factory, tmp_path):
+    cluster = await cluster_factory(NODES)
+    found = await start_scenario(cluster, tmp_path)
+    before = await main_pids(cluster, found)
+
+    async def restart_each(*, plaintext: bool) -> None:
+        for name, node in cluster.nodes.items():
+            cluster.set_security(name, certificates=True, plaintext=plaintext)
+            await node.stop()
+            await node.start()
+            await cluster.start()
+            assert await main_pids(cluster, found) == before, name
+
+    # Stage 1: certificates beside plaintext, node by node; stage 2: TLS only, node by node.
+    await restart_each(plaintext=True)
+    await restart_each(plaintext=False)
+
+    status = await cluster.cli("cluster", "status", "--output", "json")
+    assert status.code == 0, status.stderr
+    nodes = json.loads(status.stdout)["nodes"]
+    assert [(node["machine"], node["tls"], node["connected"]) for node in nodes] == [
+        (name, True, True) for name in sorted(NODES)]
+    for node in cluster.nodes.values():
+        starts = node.log_path.read_text().split(" starting on machine ")
+        assert len(starts) == 4, node.name  # plaintext, both, TLS only
+        assert "WITHOUT TLS" in starts[1]
+        assert "also accepts plaintext connections" in starts[2]
+        assert "with TLS" in starts[3]
+        assert "plaintext" not in starts[3]
+    assert await main_pids(cluster, found) == before

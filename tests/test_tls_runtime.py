@@ -75,7 +75,8 @@ def test_reload_keeps_old_context(pki, caplog):
         assert credentials.reload_if_changed() is True
     assert credentials.context is not first
     errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
-    assert len(errors) == 1 and "keeping the certificates in use" in errors[0]
+    assert len(errors) == 1
+    assert "keeping the certificates in use" in errors[0]
     assert any("for new connections (the files changed)" in record.getMessage() for record in caplog.records)
 
 
@@ -92,7 +93,9 @@ def test_expiry_warnings_repeat_daily(pki, caplog):
         clock[0] = 86400 + 1
         next_day = warnings.check(paths)
 
-    assert len(first) == 1 and again == [] and len(next_day) == 1
+    assert len(first) == 1
+    assert again == []
+    assert len(next_day) == 1
     assert first[0].startswith(f"certificate {pki}/soon.pem ('soon') expires in 240h, on ")
     assert first[0].endswith("; issue a new one with fleetkit tls issue and replace the file, which the daemon "
                              "reloads")

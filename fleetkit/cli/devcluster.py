@@ -81,6 +81,7 @@ def node_config(
     tls_dir: Path | None = None,
     api_port: int = 0,
     tls_extra: str = "",
+    also_plaintext: bool = False,
 ) -> str:
     """Return the TOML config of one loopback-only development node.
 
@@ -88,7 +89,8 @@ def node_config(
     Without `tls_dir` the transport listener is plaintext, and a comment in
     the file states it. With it, the node uses the certificates that
     `issue_dev_certificates` wrote there, and serves the control API on TCP
-    `api_port` with TLS when that is set.
+    `api_port` with TLS when that is set. `also_plaintext` keeps plaintext
+    allowed beside TLS, as during a move to TLS.
     """
     node_dir = directory / name
     metadata_text = ", ".join(f'{key} = "{value}"' for key, value in sorted(metadata.items()))
@@ -97,7 +99,7 @@ def node_config(
                     "insecure = true")
         tls_section = ""
     else:
-        security = ""
+        security = "# Plaintext besides TLS, while the cluster moves to TLS.\ninsecure = true" if also_plaintext else ""
         tls_section = (f'\n[tls]\nca = "{tls_dir / "ca.pem"}"\ncert = "{tls_dir / f"{name}.pem"}"\n'
                        f'key = "{tls_dir / f"{name}-key.pem"}"\n{tls_extra}\n')
     api_listen = f"127.0.0.1:{api_port}" if tls_dir is not None and api_port else f"unix://{node_dir / 'fleetkit.sock'}"

@@ -147,7 +147,7 @@ def issue(
         except ValueError:
             raise TlsError(f"--ip {text!r} is not an IP address; give names with --dns") from None
         if address.is_unspecified:
-            raise TlsError(f"--ip {text} is invalid; nobody dials an unspecified address, so give the machine's "
+            raise TlsError(f"--ip {text} is invalid: an unspecified address is never dialled, so give the machine's "
                            "own address")
         addresses.append(address)
     for text in dns:

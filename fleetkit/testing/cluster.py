@@ -48,6 +48,8 @@ class Node:
     config_args: tuple = ()
     # The control API's TCP port when the cluster uses TLS; 0 for the unix socket.
     api_port: int = 0
+    # (certificates, plaintext allowed) when set by TestCluster.set_security; None follows the cluster.
+    security: tuple[bool, bool] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -220,11 +222,31 @@ class TestCluster:
     def _config_text(self, node: Node) -> str:
         port, metadata, lease_ttl, agent_ttl, transport, transport_extra = node.config_args
         extra = transport_extra.format(port=port) if transport_extra else ""
+        tls_dir, also_plaintext = self.tls_dir, False
+        if node.security is not None:
+            certificates, also_plaintext = node.security
+            tls_dir = self.directory / "tls" if certificates else None
         return node_config(
             self.directory, node.name, self.storage_section, port, node.manager, metadata,
             lease_ttl=lease_ttl, reconcile_interval="1s", agent_ttl=agent_ttl, transport=transport,
-            transport_extra=extra, tls_dir=self.tls_dir, api_port=node.api_port, tls_extra=self.tls_extra,
+            transport_extra=extra, tls_dir=tls_dir, api_port=node.api_port, tls_extra=self.tls_extra,
+            also_plaintext=also_plaintext,
         )
+
+    def set_security(self, name: str, *, certificates: bool, plaintext: bool) -> None:
+        """Rewrite node `name`'s config: with or without a node certificate, with or without plaintext.
+
+        The cluster CA and the node's certificate are made in
+        ``<directory>/tls`` the first time they are needed. A restart applies it.
+        """
+        node = self.nodes[name]
+        tls_dir = self.directory / "tls"
+        if certificates and not (tls_dir / f"{name}.pem").exists():
+            if not (tls_dir / "ca.pem").exists():
+                self.client_files = issue_dev_certificates(tls_dir, [])
+            issue(tls_dir, tls_dir, name=name, role="node", ips=["127.0.0.1"], dns=["localhost"])
+        node.security = (certificates, plaintext)
+        node.config_path.write_text(self._config_text(node))
 
     def set_transport(self, name: str, mode: str) -> None:
         """Rewrite node `name`'s config with another ``[transport] mode``; a restart applies it."""
