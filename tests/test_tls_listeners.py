@@ -284,3 +284,39 @@ async def test_running_cluster_moves_to_tls(cluster_factory, tmp_path):
         assert "with TLS" in starts[3]
         assert "plaintext" not in starts[3]
     assert await main_pids(cluster, found) == before
+
+
+@pytest.mark.parametrize("transport", ["etcd-watch", "hybrid"])
+async def test_other_transports_with_tls(cluster_factory, tmp_path, transport):
+    cluster = await cluster_factory(NODES, tls=True, transport=transport)
+    found = await start_scenario(cluster, tmp_path)
+    check_scenario(found)
+
+    # Every daemon that does not lead asks the leader for unit states over the TLS listener.
+    for node in cluster.nodes.values():
+        listing = await cluster.cli("list-units", "--output", "json", endpoint=node.endpoint)
+        assert listing.code == 0, listing.stderr
+        active = {(row["unit"], row["machine"].split("/")[0]) for row in json.loads(listing.stdout)
+                  if row["active"] == "active"}
+        expected = {(unit, machine) for unit, machines in found.items() for machine in machines
+                    if not unit.startswith(("dbus", "systemd"))}
+        assert active >= expected, node.name
+        assert "WITHOUT TLS" not in node.log_path.read_text()
+
+
+async def test_expiring_certificates_are_reported(cluster_factory):
+    # Every certificate of the test cluster is valid for 365 days, so a window of 9000 hours covers them.
+    cluster = await cluster_factory(ONE_NODE, tls=True, tls_extra='expiry_warning = "9000h"')
+
+    status = await cluster.cli("cluster", "status")
+    as_json = await cluster.cli("cluster", "status", "--output", "json")
+
+    assert status.code == 0, status.stderr
+    assert "\nwarnings:\n  - n1: a certificate expires in " in status.stdout
+    report = json.loads(as_json.stdout)
+    assert len(report["warnings"]) == 1
+    assert report["warnings"][0].startswith("n1: a certificate expires in ")
+    assert report["nodes"][0]["certificate_expires"].endswith("Z")
+    log = cluster.nodes["n1"].log_path.read_text()
+    assert f"certificate {cluster.tls_dir}/n1.pem ('n1') expires in " in log
+    assert f"certificate {cluster.tls_dir}/ca.pem ('fleetkit dev-cluster CA')" not in log
