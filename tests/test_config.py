@@ -863,7 +863,8 @@ def tls_env(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tls")
     init_ca(directory)
     cert, key = issue(directory, directory, name="node-1", role="node", ips=["127.0.0.1"], dns=[])
-    return {"FLEETKIT_TLS_CA": str(directory / "ca.pem"), "FLEETKIT_TLS_CERT": str(cert), "FLEETKIT_TLS_KEY": str(key)}
+    return {"FLEETKIT_TLS_CA": str(directory / "ca.pem"), "FLEETKIT_TLS_CERT": str(cert), "FLEETKIT_TLS_KEY": str(key),
+            "FLEETKIT_NODE_NAME": "node-1"}
 
 
 def test_check_config_warns_short_lease(tmp_path, tls_env):
@@ -984,7 +985,7 @@ def test_listener_override_completes_tls(tmp_path, tls_env):
     text = (f'[transport]\ntls_ca = "{tls_env["FLEETKIT_TLS_CA"]}"\ntls_cert = "{tls_env["FLEETKIT_TLS_CERT"]}"\n'
             f'tls_key = "{tls_env["FLEETKIT_TLS_KEY"]}"\n')
 
-    config, warnings = check_config(write(tmp_path, text), env={})
+    config, warnings = check_config(write(tmp_path, text), env={"FLEETKIT_NODE_NAME": "node-1"})
 
     assert config_module.listener_tls_files(config.tls, config.transport) == {
         "ca": tls_env["FLEETKIT_TLS_CA"], "cert": tls_env["FLEETKIT_TLS_CERT"], "key": tls_env["FLEETKIT_TLS_KEY"],

@@ -320,3 +320,23 @@ async def test_expiring_certificates_are_reported(cluster_factory):
     log = cluster.nodes["n1"].log_path.read_text()
     assert f"certificate {cluster.tls_dir}/n1.pem ('n1') expires in " in log
     assert f"certificate {cluster.tls_dir}/ca.pem ('fleetkit dev-cluster CA')" not in log
+
+
+async def test_agent_may_only_speak_for_its_machine(cluster_factory):
+    cluster = await cluster_factory({"n1": {}, "n2": {}}, tls=True)
+    leader = cluster.nodes[await cluster.leader()]
+    tls_dir = cluster.tls_dir
+    own = _credentials(tls_dir / "ca.pem", tls_dir / "n1.pem", tls_dir / "n1-key.pem")
+    hello = transport_pb2.AgentMessage(hello=transport_pb2.AgentHello(machine=transport_pb2.MachineInfo(id="n2")))
+
+    async with grpc.aio.secure_channel(f"127.0.0.1:{leader.config_args[0]}", own) as channel:
+        call = transport_pb2_grpc.AgentTransportStub(channel).Connect()
+        await call.write(hello)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.details() == ("certificate 'n1' may only connect as machine 'n1', not 'n2'; issue the agent "
+                                      "a certificate named 'n2', or set tls.check_machine_name = false")
+    machines = await cluster.cli("list-machines", "--output", "json")
+    assert sorted(row["machine"] for row in json.loads(machines.stdout) if row["connected"]) == ["n1", "n2"]

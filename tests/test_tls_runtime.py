@@ -182,11 +182,18 @@ def test_config_check_loads_certificates(pki, tmp_path):
 
     with pytest.raises(ConfigError) as caught:
         check_config(config, env=wrong_role)
-    _, warnings = check_config(config, env=expired)
+    _, warnings = check_config(config, env={**expired, "FLEETKIT_NODE_NAME": "old-node"})
 
     assert caught.value.problems == [
         f"transport.listen: the certificate {pki}/ops.pem has role 'admin', but a listener serves with a node "
         "certificate; issue one with fleetkit tls issue --role node"]
+    with pytest.raises(ConfigError) as caught:
+        check_config(config, env={**wrong_role, "FLEETKIT_NODE_NAME": "web-1", "FLEETKIT_TLS_CERT": str(pki / "node-1.pem"),
+                                  "FLEETKIT_TLS_KEY": str(pki / "node-1-key.pem")})
+    assert caught.value.problems == [
+        f"transport.listen: the certificate {pki}/node-1.pem is named 'node-1', but node.name is 'web-1'; with "
+        "tls.check_machine_name an agent may only connect as the machine its certificate names, so issue it with "
+        "--name web-1, or set node.name = 'node-1'"]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"certificate {expired_cert} ('old-node') expired on ")
 

@@ -13,6 +13,7 @@ that names the certificate, its role and the role needed.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 
@@ -21,6 +22,9 @@ import grpc
 from fleetkit.core.gate import Peer, PeerRegistry, RejectionLog
 
 log = logging.getLogger(__name__)
+
+# The verified peer of the call being served, for servicers that check more than the role.
+current_peer: contextvars.ContextVar[Peer | None] = contextvars.ContextVar("current_peer", default=None)
 
 TRANSPORT_SERVICE = "/fleetkit.rpc.AgentTransport/"
 CONTROL_SERVICE = "/fleetkit.rpc.Control/"
@@ -79,6 +83,7 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):
             peer = registry.lookup(context.peer())
             if peer is None:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the connection has no verified peer")
+            current_peer.set(peer)
             if peer.plaintext or peer.role in roles:
                 return
             message = denial(method, peer)

@@ -224,6 +224,7 @@ class TlsConfig:
     expiry_warning: float = 30 * 86400.0
     reload_interval: float = 10.0
     check_peer_address: bool = True
+    check_machine_name: bool = True
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,8 @@ SCHEMA: dict[str, SectionSpec] = {section.name: section for section in (
                 _at_least(1.0)),
         KeySpec("check_peer_address", "boolean", "Whether a node certificate must name, as an IP address SAN, "
                 "the address its connection comes from."),
+        KeySpec("check_machine_name", "boolean", "Whether an agent may only connect as the machine its node "
+                "certificate's name (CN) gives, and a daemon's own certificate must be named node.name."),
     ),
     _section(
         "log", LogConfig,

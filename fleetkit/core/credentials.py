@@ -291,10 +291,16 @@ def certificate_problems(config: Config) -> tuple[list[str], list[str]]:
         if security.tls is None or getattr(config, section).listen.startswith("unix://"):
             continue
         try:
-            ServerCredentials(security.tls, security.setting, security.role)
+            credentials = ServerCredentials(security.tls, security.setting, security.role)
         except TlsError as error:
             problems.append(str(error))
             continue
+        name = certificate_name(credentials.certificate)
+        if config.tls.check_machine_name and name != config.node.name:
+            problems.append(f"{security.setting}: the certificate {security.tls.cert} is named {name!r}, but "
+                            f"node.name is {config.node.name!r}; with tls.check_machine_name an agent may only "
+                            f"connect as the machine its certificate names, so issue it with --name "
+                            f"{config.node.name}, or set node.name = {name!r}")
         for path in (security.tls.cert, security.tls.ca):
             try:
                 certificate = load_certificate(path)

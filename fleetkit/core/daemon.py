@@ -19,10 +19,10 @@ from fleetkit.core import keys, plugins
 from fleetkit.core.agent import Agent
 from fleetkit.core.api import ApiServer
 from fleetkit.core.config import Config
-from fleetkit.core.credentials import ExpiryWarnings, ListenerSecurity, earliest_expiry
+from fleetkit.core.credentials import ExpiryWarnings, ListenerSecurity, certificate_problems, earliest_expiry
 from fleetkit.core.election import Election, LeaderRecord
 from fleetkit.core.engine import Engine, LeadershipLost
-from fleetkit.core.errors import FleetkitError, StorageError, StorageUnavailable
+from fleetkit.core.errors import ConfigError, FleetkitError, StorageError, StorageUnavailable
 from fleetkit.core.hooks import call_safely, plugin_manager
 from fleetkit.core.keyspace import claim_prefix
 from fleetkit.core.nodes import NodeAdvertiser, newer_engines, new_record, read_nodes
@@ -44,6 +44,9 @@ class Daemon:
 
     def __init__(self, config: Config, *, hooks=None):
         self.config = config
+        problems, _expiring = certificate_problems(config)
+        if problems:
+            raise ConfigError(problems)
         self.hooks = hooks if hooks is not None else plugin_manager()
         storage_class = plugins.load_driver(plugins.STORAGE, config.storage.backend)
         runtime_class = plugins.load_driver(plugins.RUNTIME, config.runtime.backend)

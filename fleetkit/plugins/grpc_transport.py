@@ -18,6 +18,7 @@ import random
 
 import grpc
 
+from fleetkit.core.access import current_peer
 from fleetkit.core.agent import Agent
 from fleetkit.core.credentials import ListenerSecurity, open_channel
 from fleetkit.core.election import LeaderRecord, read_leader
@@ -90,10 +91,15 @@ def engine_message_from_pb(message: pb.EngineMessage) -> SnapshotMessage | Chang
 # -- engine side -----------------------------------------------------------
 
 class AgentTransportServicer(pb_grpc.AgentTransportServicer):
-    """Serves agent streams for the engine in `host`, when there is one."""
+    """Serves agent streams for the engine in `host`, when there is one.
 
-    def __init__(self, host: EngineHost):
+    With `check_machine_name`, an agent with a node certificate may only
+    connect as the machine that the certificate names.
+    """
+
+    def __init__(self, host: EngineHost, *, check_machine_name: bool = False):
         self._host = host
+        self._check_machine_name = check_machine_name
 
     async def Connect(self, request_iterator, context):  # noqa: N802 - gRPC method name
         engine = self._host.engine
@@ -110,6 +116,12 @@ class AgentTransportServicer(pb_grpc.AgentTransportServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message of a stream must be a hello")
 
         info = machine_from_pb(first.hello.machine)
+        peer = current_peer.get()
+        if self._check_machine_name and peer is not None and not peer.plaintext and peer.name != info.id:
+            message = (f"certificate {peer.name!r} may only connect as machine {peer.name!r}, not {info.id!r}; issue "
+                       f"the agent a certificate named {info.id!r}, or set tls.check_machine_name = false")
+            log.warning("rejected an agent stream from %s: %s", peer.address, message)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
         queue: asyncio.Queue = asyncio.Queue()
         sender = queue.put_nowait
         await engine.attach_agent(info, [state_from_pb(state) for state in first.hello.states], sender)
@@ -190,7 +202,8 @@ class GrpcTransport(Transport):
         )
 
     def _register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_AgentTransportServicer_to_server(AgentTransportServicer(self._host), server)
+        servicer = AgentTransportServicer(self._host, check_machine_name=self.config.tls.check_machine_name)
+        pb_grpc.add_AgentTransportServicer_to_server(servicer, server)
 
     async def serve(self, host: EngineHost) -> None:
         self._host = host
