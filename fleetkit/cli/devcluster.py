@@ -340,7 +340,7 @@ async def _up(nodes: int, directory: Path, ready_file: str | None, storage: str 
                         "'dev-cluster up --tls' uses certificates instead.")
         (directory / "env").write_text(exports.replace("    export", "export"))
         print(f"dev-cluster is up with {nodes} nodes. Use (or '. {directory}/env'):\n\n{exports}"
-              f"    fleetkit list-machines\n\n"
+              f"    {_cli_command()} list-machines\n\n"
               f"{security}\nLogs: {directory}/node*/daemon.log. Stop with Ctrl-C or "
               f"'fleetkit dev-cluster down --dir {directory}'.", file=sys.stderr)
         sys.stderr.flush()
@@ -358,6 +358,14 @@ async def _up(nodes: int, directory: Path, ready_file: str | None, storage: str 
         if store is not None:
             await _terminate(store, storage)
         state_path.unlink(missing_ok=True)
+
+
+def _cli_command() -> str:
+    """Return how to run the fleetkit command: its name when it is on PATH, else its full path."""
+    if shutil.which("fleetkit"):
+        return "fleetkit"
+    beside = Path(sys.executable).parent / "fleetkit"
+    return str(beside) if beside.exists() else f"{sys.executable} -m fleetkit"
 
 
 def _alive(pid: int) -> bool:

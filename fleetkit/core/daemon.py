@@ -248,10 +248,15 @@ async def run_until_signalled(daemon: Daemon) -> None:
     """Run `daemon` until SIGTERM or SIGINT, then stop it leaving units running."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
+
+    def stop(signum: signal.Signals) -> None:
+        log.info("received %s; stopping this daemon (pid %d), units keep running", signum.name, os.getpid())
+        task.cancel()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, stop, signum)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload_certificates, "SIGHUP")
     try:
         await daemon.run()
     except asyncio.CancelledError:
-        log.info("received a stop signal (pid %d)", os.getpid())
+        pass  # the stop was logged by the signal handler
