@@ -33,6 +33,7 @@ pytest.register_assert_rewrite(*(f"fleetkit.testing.conformance_{part}"
 from fleetkit.core.config import StorageConfig  # noqa: E402
 from fleetkit.core.plugins import STORAGE, load_driver  # noqa: E402
 from fleetkit.core.storage import Storage  # noqa: E402
+from fleetkit.testing import logscan  # noqa: E402
 from fleetkit.testing.conformance_election import ElectionTests  # noqa: E402
 from fleetkit.testing.conformance_faults import FaultTests  # noqa: E402
 from fleetkit.testing.conformance_keys import KeyTests  # noqa: E402
@@ -128,6 +129,8 @@ async def started_harness(harness_class: type[StoreHarness]) -> AsyncIterator[St
         try:
             await harness.stop()
         finally:
+            # Private keys the harness made must not show up in any log of the test run.
+            logscan.register_key_files(directory)
             shutil.rmtree(directory, ignore_errors=True)
 
 
