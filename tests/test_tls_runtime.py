@@ -19,6 +19,7 @@ from fleetkit.core.api import ApiServer
 from fleetkit.core.cluster_status import certificate_warnings
 from fleetkit.core.config import check_config, parse_config
 from fleetkit.core.errors import ConfigError
+from fleetkit.core.gate import PeerRegistry, TlsGate
 from fleetkit.core.credentials import (
     ExpiryWarnings, ListenerSecurity, ServerCredentials, TlsFiles, earliest_expiry, open_channel,
 )
@@ -228,3 +229,37 @@ def test_cli_rejects_contradicting_or_mismatched_files(capsys, pki):
     assert mismatch.strip() == (f"error: cannot use the certificate {pki}/ops.pem with the key {pki}/node-1-key.pem: "
                                 "key values mismatch; check that the key belongs to the certificate")
     assert "PRIVATE KEY" not in mismatch
+
+
+async def test_gate_caps_connections_in_handshake(pki, tmp_path, caplog):
+    gate = TlsGate("127.0.0.1:0", str(tmp_path / "inner.sock"), PeerRegistry(), setting="api.listen",
+                   credentials=ServerCredentials(_files(pki), "api.listen"), plaintext=False,
+                   handshake_timeout=5, max_admitting=2)
+    port = gate.bind()
+    serving = asyncio.create_task(gate.serve())
+    silent = []
+    try:
+        for _ in range(2):
+            silent.append(await asyncio.open_connection("127.0.0.1", port))
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(2):
+            closed = await reader.read(1)
+        writer.close()
+        for _reader, silent_writer in silent:
+            silent_writer.close()
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await reader.read(1)  # waiting in its handshake, not closed
+        writer.close()
+    finally:
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+
+    assert closed == b""
+    rejected = [record.getMessage() for record in caplog.records if "already in their handshake" in record.getMessage()]
+    assert len(rejected) == 1
+    assert rejected[0].startswith("api.listen: rejected a connection from 127.0.0.1:")

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 TLS_HANDSHAKE_RECORD = 0x16
 HANDSHAKE_TIMEOUT = 10.0
 CHUNK = 256 * 1024
+# Connections that may be in their handshake at once; more are closed at once, so that
+# clients that open connections and never finish them cannot use up the daemon's files.
+MAX_ADMITTING = 256
 # Seconds to wait after a failed accept before the next one.
 ACCEPT_RETRY = 0.5
 # Seconds the second direction of a proxied connection may go on after the first one ended.
@@ -199,8 +202,10 @@ class TlsGate:
 
     def __init__(self, listen: str, inner_socket: str, registry: PeerRegistry, *, setting: str,
                  credentials: ServerCredentials | None, plaintext: bool, check_peer_address: bool = True,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, max_admitting: int = MAX_ADMITTING):
         self.listen = listen
+        self.max_admitting = max_admitting
+        self._admitting = 0
         self.inner_socket = inner_socket
         self.registry = registry
         self.setting = setting
@@ -245,6 +250,13 @@ class TlsGate:
                     log.error("%s: accepting a connection failed: %s", self.setting, error)
                     await asyncio.sleep(ACCEPT_RETRY)
                     continue
+                if self._admitting >= self.max_admitting:
+                    self.rejections.report(
+                        _format_address(address),
+                        f"{self.max_admitting} connections are already in their handshake, so this one was closed; "
+                        "look for a client that opens connections without completing them")
+                    connection.close()
+                    continue
                 task = loop.create_task(self._handle(connection, address))
                 self._connections.add(task)
                 task.add_done_callback(self._connections.discard)
@@ -255,6 +267,7 @@ class TlsGate:
 
     async def _handle(self, connection: socket.socket, address) -> None:
         shown = _format_address(address)
+        self._admitting += 1
         try:
             peer, reader, writer = await self._admit(connection, address, shown)
         except Rejected as refusal:
@@ -265,6 +278,8 @@ class TlsGate:
             connection.close()
             log.exception("%s: unexpected failure admitting %s", self.setting, shown)
             return
+        finally:
+            self._admitting -= 1
         if peer is None:
             connection.close()  # closed before sending anything
             return
