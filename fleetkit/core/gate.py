@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 TLS_HANDSHAKE_RECORD = 0x16
 HANDSHAKE_TIMEOUT = 10.0
 CHUNK = 256 * 1024
-# Connections that may be in their handshake at once; more are closed at once, so that
-# clients that open connections and never finish them cannot use up the daemon's files.
+# Connections that may be in their handshake at once. More are closed right away, so
+# clients that never finish their connections cannot use up the daemon's file descriptors.
 MAX_ADMITTING = 256
 # Seconds to wait after a failed accept before the next one.
 ACCEPT_RETRY = 0.5
