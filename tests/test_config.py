@@ -993,7 +993,7 @@ def test_listener_override_completes_tls(tmp_path, tls_env):
     assert warnings == []
 
 
-def test_unix_api_needs_no_tls_and_parse_config_alone_does_not_check_listeners():
+def test_listener_check_only_for_daemon():
     assert parse_config({}, env={}).transport.insecure is False
     with pytest.raises(ConfigError):
         parse_config({}, env={}, for_daemon=True)
@@ -1012,7 +1012,7 @@ def test_etcd3_endpoints_mixing_schemes_are_rejected():
     ]
 
 
-def test_socket_group_must_exist_and_needs_a_unix_socket():
+def test_socket_group_needs_group_and_socket():
     with pytest.raises(ConfigError) as caught:
         parse_config({"api": {"socket_group": "no-such-group-here", "listen": "127.0.0.1:7071"}}, env={})
 

@@ -45,7 +45,7 @@ def _files(pki: Path, name: str = "node-1", key: str | None = None) -> TlsFiles:
 def test_server_credentials_name_file(pki):
     with pytest.raises(TlsError) as caught:
         ServerCredentials(_files(pki, "node-1", key="node-2"), "transport.listen")
-    assert str(caught.value).startswith(f"transport.listen: cannot load the certificate {pki}/node-1.pem with the "
+    assert str(caught.value).startswith(f"transport.listen: cannot use the certificate {pki}/node-1.pem with the "
                                         f"key {pki}/node-2-key.pem: ")
     assert str(caught.value).endswith("; check that the key belongs to the certificate")
 

@@ -3,9 +3,9 @@
 `ListenerSecurity` describes how one gRPC listener accepts connections: with TLS
 (`TlsFiles`), in plaintext (``insecure = true``), or both while a cluster
 moves to TLS. `ServerCredentials` keeps the `ssl.SSLContext` that the
-listener's `fleetkit.core.gate.TlsGate` hands to each new connection; its
+listener's `fleetkit.core.gate.TlsGate` hands to each new connection. Its
 `reload` builds a new one from the files, so rotated certificates apply to
-new connections while open ones keep the context they started with. A
+new connections, and open ones keep the context they started with. A
 failed reload keeps the old context and logs why. Clients read the files
 each time they open a channel (`channel_credentials`), so they pick up new
 files on their next connection.
@@ -53,7 +53,7 @@ class TlsFiles:
 
 @dataclass(frozen=True)
 class ListenerSecurity:
-    """How one gRPC listener and its clients secure connections.
+    """The security settings of one gRPC listener and of its clients.
 
     `setting` names the listener's config key, such as "transport.listen",
     for messages. `tls` is None when the listener is plaintext only.
@@ -87,18 +87,22 @@ def _read(path: str, what: str) -> bytes:
                        "the daemon's user may read it") from None
 
 
-def check_client_files(files: TlsFiles) -> None:
-    """Raise TlsError naming the file when the CA, certificate or key cannot be used, or do not belong together."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+def _load_files(context: ssl.SSLContext, files: TlsFiles, prefix: str = "") -> None:
+    """Load the CA, certificate and key into `context`, raising TlsError that starts with `prefix` and names the file."""
     try:
         context.load_verify_locations(cafile=files.ca)
     except (OSError, ssl.SSLError) as error:
-        raise TlsError(f"cannot load the CA file {files.ca}: {_ssl_reason(error)}") from None
+        raise TlsError(f"{prefix}cannot load the CA file {files.ca}: {_ssl_reason(error)}") from None
     try:
         context.load_cert_chain(files.cert, files.key)
     except (OSError, ssl.SSLError) as error:
-        raise TlsError(f"cannot use the certificate {files.cert} with the key {files.key}: {_ssl_reason(error)}; "
-                       "check that the key belongs to the certificate") from None
+        raise TlsError(f"{prefix}cannot use the certificate {files.cert} with the key {files.key}: "
+                       f"{_ssl_reason(error)}; check that the key belongs to the certificate") from None
+
+
+def check_client_files(files: TlsFiles) -> None:
+    """Raise TlsError naming the file when the CA, certificate or key cannot be used, or do not belong together."""
+    _load_files(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), files)
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
@@ -164,15 +168,7 @@ def _server_context(files: TlsFiles, setting: str, role: str) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     # gRPC clients insist on HTTP/2 being chosen by ALPN.
     context.set_alpn_protocols(["h2"])
-    try:
-        context.load_verify_locations(cafile=files.ca)
-    except (OSError, ssl.SSLError) as error:
-        raise TlsError(f"{setting}: cannot load the CA file {files.ca}: {_ssl_reason(error)}") from None
-    try:
-        context.load_cert_chain(files.cert, files.key)
-    except (OSError, ssl.SSLError) as error:
-        raise TlsError(f"{setting}: cannot load the certificate {files.cert} with the key {files.key}: "
-                       f"{_ssl_reason(error)}; check that the key belongs to the certificate") from None
+    _load_files(context, files, prefix=f"{setting}: ")
     return context
 
 

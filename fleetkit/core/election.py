@@ -38,7 +38,7 @@ class LeaderRecord:
     """Contents of the leader key: the leading machine, its address and its fleetkit version.
 
     `tls` and `plaintext` tell how the leader's transport listener accepts
-    connections, so agents dial it the way it answers. Records written
+    connections, so agents dial it in a way it accepts. Records written
     before listeners had TLS have neither and read as plaintext only.
     """
 

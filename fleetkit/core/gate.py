@@ -11,12 +11,12 @@ unix connection to the gRPC server behind it and copies bytes both ways.
 
 The gRPC server cannot see the TLS session, so the gate binds each inner
 connection to a unique socket path and records the peer under that path in a
-`PeerRegistry`; the server reads it back from ``context.peer()``
+`PeerRegistry`. The server reads it back from ``context.peer()``
 (`fleetkit.core.access`). The inner socket lives in a directory only the
 daemon's user can enter.
 
 Every rejected connection is logged once, with the peer address and the
-reason; a peer that keeps retrying with the same fault is summarized every
+reason. A peer that keeps retrying with the same fault is summarized every
 `RejectionLog.REPEAT` seconds instead of flooding the log.
 """
 
